@@ -1,0 +1,137 @@
+"""Quantizers by name, with a uniform signature for layers and configs."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qflax.quant._src import dorefa, hwgq, lsq, pact, qil, sat, uniform
+from qflax.quant._src.integer import IntegerTensor
+
+Params = Mapping[str, jax.Array]
+
+
+class Quantizer(NamedTuple):
+  """A named quantizer with learnable scalar parameters (one set per bit-width slot).
+
+  Attributes:
+    name: registry name.
+    role: ``"weight"`` or ``"activation"``.
+    param_names: names of its learnable scalars (empty for parameter-free ones).
+    defaults: initial values used before calibration (activations).
+    apply: ``(x, bits, params) -> fake-quantized x``.
+    integer: ``(x, bits, params) -> IntegerTensor`` (concrete bits).
+    init: ``(x, bits) -> params`` estimated from a tensor (weights, or a
+      calibration batch of activations).
+  """
+  name: str
+  role: str
+  param_names: tuple[str, ...]
+  defaults: Mapping[str, float]
+  apply: Callable[[jax.Array, Any, Params], jax.Array]
+  integer: Callable[[jax.Array, int, Params], IntegerTensor]
+  init: Callable[[jax.Array, Any], dict]
+
+
+def _free(name, role, apply, integer):
+  return Quantizer(name, role, (), {}, lambda x, b, p: apply(x, b),
+                   lambda x, b, p: integer(x, b), lambda x, b: {})
+
+
+def _identity(name, role):
+  def integer(x, bits, params):
+    raise ValueError(f"quantizer {name!r} ({role}) is full precision and has no integer form")
+  return Quantizer(name, role, (), {}, lambda x, b, p: x, integer, lambda x, b: {})
+
+
+def _lsq(name, role, signed, defaults):
+  return Quantizer(
+      name, role, ("step",), defaults,
+      lambda x, b, p: lsq.lsq(x, p["step"], b, signed=signed),
+      lambda x, b, p: lsq.lsq_integer(x, p["step"], b, signed=signed),
+      lambda x, b: {"step": lsq.lsq_init_step(x, b, signed=signed)})
+
+
+def _qil(name, role, signed, init):
+  def init_params(x, bits):
+    del bits
+    centre, half_width = init(x)
+    return {"centre": centre, "half_width": half_width}
+  return Quantizer(
+      name, role, ("centre", "half_width"), {"centre": 1.0, "half_width": 1.0},
+      lambda x, b, p: qil.qil(x, p["centre"], p["half_width"], b, signed=signed),
+      lambda x, b, p: qil.qil_integer(x, p["centre"], p["half_width"], b, signed=signed),
+      init_params)
+
+
+def _uniform_weight(x, bits):
+  return uniform.uniform_symmetric(x, bits, uniform.calibrate_symmetric(x, bits, channel_axis=-1))
+
+
+def _uniform_weight_integer(x, bits):
+  return uniform.uniform_symmetric_integer(x, bits, uniform.calibrate_symmetric(x, bits, channel_axis=-1))
+
+
+def _uniform_activation(x, bits):
+  return uniform.uniform_symmetric(x, bits, uniform.calibrate_symmetric(x, bits))
+
+
+def _uniform_activation_integer(x, bits):
+  return uniform.uniform_symmetric_integer(x, bits, uniform.calibrate_symmetric(x, bits))
+
+
+_PACT = Quantizer(
+    "pact", "activation", ("alpha",), {"alpha": 8.0},
+    lambda x, b, p: pact.pact(x, p["alpha"], b),
+    lambda x, b, p: pact.pact_integer(x, p["alpha"], b),
+    lambda x, b: {"alpha": jnp.maximum(jnp.percentile(x, 99.9), 1e-3)})
+
+_REGISTRY: dict[tuple[str, str], Quantizer] = {}
+for _q in (
+    _identity("none", "weight"),
+    _free("dorefa", "weight", dorefa.dorefa_weight, dorefa.dorefa_weight_integer),
+    _free("dorefa_mean", "weight",
+          lambda x, b: dorefa.dorefa_weight(x, b, scale_by_mean=True),
+          lambda x, b: dorefa.dorefa_weight_integer(x, b, scale_by_mean=True)),
+    _free("sat", "weight", sat.sat_weight, sat.sat_weight_integer),
+    _free("sat_centered", "weight",
+          lambda x, b: sat.sat_weight(x, b, centered=True),
+          lambda x, b: sat.sat_weight_integer(x, b, centered=True)),
+    _lsq("lsq", "weight", True, {"step": 0.01}),
+    _qil("qil", "weight", True, qil.qil_init_weight),
+    _free("uniform", "weight", _uniform_weight, _uniform_weight_integer),
+    _identity("none", "activation"),
+    _free("clamp", "activation", dorefa.clamp_activation, dorefa.clamp_activation_integer),
+    _PACT,
+    _lsq("lsq", "activation", False, {"step": 0.1}),
+    _lsq("lsq_signed", "activation", True, {"step": 0.1}),
+    _qil("qil", "activation", False, qil.qil_init_activation),
+    _qil("qil_signed", "activation", True, qil.qil_init_weight),
+    _free("hwgq", "activation", hwgq.hwgq, hwgq.hwgq_integer),
+    _free("uniform", "activation", _uniform_activation, _uniform_activation_integer),
+):
+  _REGISTRY[(_q.role, _q.name)] = _q
+
+ROLES = ("weight", "activation")
+
+
+def quantizer_names(role: str) -> tuple[str, ...]:
+  """Registered quantizer names for ``role`` (``"weight"`` or ``"activation"``)."""
+  if role not in ROLES:
+    raise ValueError(f"role={role!r} is unknown; allowed: {ROLES}")
+  return tuple(name for (r, name) in _REGISTRY if r == role)
+
+
+def get_quantizer(name: str, role: str) -> Quantizer:
+  """Looks up a quantizer; unknown names get an error listing the allowed ones.
+
+  Example:
+    >>> q = get_quantizer("pact", "activation")
+    >>> y = q.apply(x, 4, {"alpha": jnp.float32(6.0)})
+  """
+  allowed = quantizer_names(role)
+  if name not in allowed:
+    raise ValueError(f"{role} quantizer {name!r} is unknown; allowed: {allowed}")
+  return _REGISTRY[(role, name)]
