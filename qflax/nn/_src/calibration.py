@@ -1,0 +1,63 @@
+"""Initialising quantizer parameters from calibration batches."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Iterable
+
+import flax
+import numpy as np
+from flax import traverse_util
+
+from qflax.nn._src.layers import CALIBRATION
+from qflax.nn._src.precision import PrecisionPlan
+
+
+def calibrate(apply_fn: Callable[..., Any], variables, batches: Iterable[Any],
+              plans: Iterable[PrecisionPlan]):
+  """Sets every layer's quantizer scalars, per slot, from calibration data.
+
+  For each plan and batch it runs ``apply_fn(variables, batch, plan,
+  mutable=["calibration"])``; every quantized layer sows an estimate of its
+  learnable quantizer scalars for the slot it ran at (PACT: the 99.9th
+  percentile of the input; LSQ: ``2 mean|v| / sqrt(Q_P)``; QIL: the interval
+  ``[0, max]`` or ``[0, p99.9]``). Estimates are averaged over batches and
+  written into ``params[layer]["input_<name>"][slot]`` (and ``kernel_<name>``).
+  Slots no plan visits keep their values.
+
+  Returns:
+    ``variables`` with updated ``params``.
+
+  Example:
+    >>> apply = lambda v, x, p, **kw: model.apply(v, x, p, train=False, **kw)
+    >>> variables = calibrate(apply, variables, batches[:4],
+    ...                       [uniform_plan(n, b, bit_set) for b in bit_set])
+  """
+  sums: dict[tuple, float] = collections.defaultdict(float)
+  counts: dict[tuple, int] = collections.defaultdict(int)
+  batches = list(batches)
+  if not batches:
+    raise ValueError("calibrate needs at least one batch")
+  clean = {k: v for k, v in flax.core.unfreeze(variables).items() if k != CALIBRATION}
+  for plan in plans:
+    for batch in batches:
+      _, state = apply_fn(clean, batch, plan, mutable=[CALIBRATION])
+      sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(CALIBRATION, {})))
+      for path, estimates in sown.items():
+        *layer, operand = path
+        for estimate in estimates:
+          slot = int(np.asarray(estimate["slot"]))
+          for name, value in estimate.items():
+            if name != "slot":
+              key = (tuple(layer), f"{operand}_{name}", slot)
+              sums[key] += float(np.asarray(value))
+              counts[key] += 1
+  params = traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]))
+  for (layer, param_name, slot), total in sums.items():
+    path = (*layer, param_name)
+    if path not in params:
+      raise KeyError(f"calibration estimate for {'/'.join(path)} has no matching parameter")
+    params[path] = params[path].at[slot].set(total / counts[(layer, param_name, slot)])
+  new_variables = dict(clean)
+  new_variables["params"] = traverse_util.unflatten_dict(params)
+  return new_variables

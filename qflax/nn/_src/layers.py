@@ -1,0 +1,146 @@
+"""Quantized convolution and dense layers with pluggable quantizers.
+
+Both quantize their input with an activation quantizer at ``precision.a_bits``
+and their kernel with a weight quantizer at ``precision.w_bits``; learnable
+quantizer scalars (PACT clip, LSQ step, QIL interval) are stacked over the
+layer's static ``bit_set`` and selected by ``precision.slot``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qflax import quant
+from qflax.nn._src.batch_norm import select_slot
+from qflax.nn._src.precision import BlockPrecision, check_bit_set, check_slot
+
+CALIBRATION = "calibration"
+Initializer = Callable[..., jax.Array]
+
+
+def _slot_params(module: nn.Module, quantizer: quant.Quantizer, prefix: str, bit_set: tuple[int, ...],
+                 init_per_bits: Callable[[int], Mapping[str, Any]], slot) -> dict[str, jax.Array]:
+  """Creates ``<prefix>_<name>`` params of shape ``(len(bit_set),)``; returns slot ``slot``."""
+  selected = {}
+  for name in quantizer.param_names:
+    stacked = module.param(
+        f"{prefix}_{name}",
+        lambda _, n=name: jnp.stack([jnp.asarray(init_per_bits(b)[n], jnp.float32) for b in bit_set]))
+    selected[name] = select_slot(stacked, slot)
+  return selected
+
+
+def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array, precision: BlockPrecision,
+                      weight_quantizer: str, act_quantizer: str, bit_set: Sequence[int],
+                      act_param_init: Mapping[str, float] | None):
+  """Quantizes a layer's input and kernel; sows calibration estimates when asked.
+
+  When the ``"calibration"`` collection is mutable, each quantizer with
+  learnable parameters sows ``{"slot": s, <param>: estimate}`` computed from
+  the current input (activations) or kernel (weights); see
+  :func:`qflax.nn.calibrate`.
+  """
+  bit_set = check_bit_set(bit_set)
+  slot = check_slot(precision.slot, len(bit_set))
+  w_bits = quant.check_bits(precision.w_bits, "w_bits")
+  a_bits = quant.check_bits(precision.a_bits, "a_bits")
+  wq = quant.get_quantizer(weight_quantizer, "weight")
+  aq = quant.get_quantizer(act_quantizer, "activation")
+
+  act_defaults = {**aq.defaults, **(act_param_init or {})}
+  a_params = _slot_params(module, aq, "input", bit_set, lambda b: act_defaults, slot)
+  w_params = _slot_params(module, wq, "kernel", bit_set, lambda b: wq.init(kernel, b), slot)
+
+  if module.is_mutable_collection(CALIBRATION) and not module.is_initializing():
+    if aq.param_names:
+      module.sow(CALIBRATION, "input", {"slot": slot, **aq.init(x, a_bits)})
+    if wq.param_names:
+      module.sow(CALIBRATION, "kernel", {"slot": slot, **wq.init(kernel, w_bits)})
+  return aq.apply(x, a_bits, a_params), wq.apply(kernel, w_bits, w_params)
+
+
+def _padding(padding, ndim):
+  if isinstance(padding, str):
+    return padding
+  if isinstance(padding, int):
+    return [(padding, padding)] * ndim
+  return [tuple(p) if not isinstance(p, int) else (p, p) for p in padding]
+
+
+class QuantConv(nn.Module):
+  """2-D convolution (NHWC, HWIO kernel) with quantized input and kernel.
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kh, kw)``.
+    strides: int or pair.
+    padding: ``"SAME"``, ``"VALID"``, an int, or per-dimension pairs.
+    feature_group_count: groups (``features`` = channels for depthwise).
+    use_bias: add a (full-precision) bias.
+    weight_quantizer: a name from ``quant.quantizer_names("weight")``.
+    act_quantizer: a name from ``quant.quantizer_names("activation")``.
+    bit_set: the static bit-widths this layer serves; one slot each.
+    act_param_init: initial activation-quantizer scalars (e.g. ``{"alpha": 8.0}``).
+
+  Example:
+    >>> conv = QuantConv(64, (3, 3), weight_quantizer="sat", act_quantizer="pact",
+    ...                  bit_set=(32, 4, 2))
+    >>> variables = conv.init(key, x, BlockPrecision(4, 4, 1))
+    >>> y = conv.apply(variables, x, BlockPrecision(2, 2, 2))
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: int | Sequence[int] = 1
+  padding: Any = "SAME"
+  feature_group_count: int = 1
+  use_bias: bool = False
+  weight_quantizer: str = "none"
+  act_quantizer: str = "none"
+  bit_set: Sequence[int] = (32,)
+  act_param_init: Mapping[str, float] | None = None
+  kernel_init: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array, precision: BlockPrecision) -> jax.Array:
+    in_features = x.shape[-1]
+    if in_features % self.feature_group_count:
+      raise ValueError(f"input channels {in_features} not divisible by "
+                       f"feature_group_count={self.feature_group_count}")
+    kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
+    x_q, kernel_q = quantize_operands(self, x, kernel, precision, self.weight_quantizer,
+                                      self.act_quantizer, self.bit_set, self.act_param_init)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    y = jax.lax.conv_general_dilated(
+        x_q, kernel_q.astype(x_q.dtype), strides, _padding(self.padding, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    return y
+
+
+class QuantDense(nn.Module):
+  """Dense layer with quantized input and kernel (same options as :class:`QuantConv`)."""
+  features: int
+  use_bias: bool = True
+  weight_quantizer: str = "none"
+  act_quantizer: str = "none"
+  bit_set: Sequence[int] = (32,)
+  act_param_init: Mapping[str, float] | None = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array, precision: BlockPrecision) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    x_q, kernel_q = quantize_operands(self, x, kernel, precision, self.weight_quantizer,
+                                      self.act_quantizer, self.bit_set, self.act_param_init)
+    y = x_q @ kernel_q.astype(x_q.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    return y
