@@ -14,6 +14,7 @@ from qflax.nn._src.batch_norm import select_slot
 from qflax.nn._src.batch_norm import update_slot
 from qflax.nn._src.calibration import calibrate
 from qflax.nn._src.layers import CALIBRATION
+from qflax.nn._src.layers import FLOPS
 from qflax.nn._src.layers import QuantConv
 from qflax.nn._src.layers import QuantDense
 from qflax.nn._src.layers import quantize_operands

@@ -8,6 +8,7 @@ layer's static ``bit_set`` and selected by ``precision.slot``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ from qflax.nn._src.batch_norm import select_slot
 from qflax.nn._src.precision import BlockPrecision, check_bit_set, check_slot
 
 CALIBRATION = "calibration"
+FLOPS = "flops"   # when mutable, layers sow their multiply-accumulates per example
 Initializer = Callable[..., jax.Array]
 
 
@@ -119,6 +121,8 @@ class QuantConv(nn.Module):
     y = jax.lax.conv_general_dilated(
         x_q, kernel_q.astype(x_q.dtype), strides, _padding(self.padding, 2),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
+    if self.is_mutable_collection(FLOPS) and not self.is_initializing():
+      self.sow(FLOPS, "macs", math.prod(y.shape[1:]) * math.prod(kernel_shape[:-1]))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
     return y
@@ -141,6 +145,8 @@ class QuantDense(nn.Module):
     x_q, kernel_q = quantize_operands(self, x, kernel, precision, self.weight_quantizer,
                                       self.act_quantizer, self.bit_set, self.act_param_init)
     y = x_q @ kernel_q.astype(x_q.dtype)
+    if self.is_mutable_collection(FLOPS) and not self.is_initializing():
+      self.sow(FLOPS, "macs", math.prod(x.shape[1:-1]) * kernel.size)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
     return y

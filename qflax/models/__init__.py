@@ -1,0 +1,62 @@
+"""Networks built from ``qflax.nn`` layers, all taking a precision plan.
+
+Example:
+  >>> from qflax import models, nn as qnn
+  >>> spec = models.QuantSpec(bit_set=(32, 4, 2), weight_quantizer="sat", act_quantizer="pact")
+  >>> model = models.get_model("resnet20", num_classes=100, spec=spec)
+  >>> plan = qnn.uniform_plan(models.num_blocks(model), 4, spec.bit_set)
+  >>> variables = model.init(key, x, plan)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from qflax.models.common import FIRST_LAST, Network, QuantSpec, count_macs, count_params
+from qflax.models.convnet import ConvNet
+from qflax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING, MobileNetV2
+from qflax.models.resnet import ResNet, cifar_resnet, imagenet_resnet, temporal_shift
+
+_REGISTRY: dict[str, Callable[..., Network]] = {
+    **{f"resnet{d}": functools.partial(cifar_resnet, d) for d in (8, 20, 32, 56)},
+    **{f"preact_resnet{d}": functools.partial(cifar_resnet, d, preact=True) for d in (8, 20, 32, 56)},
+    **{f"resnet{d}": functools.partial(imagenet_resnet, d) for d in (18, 34, 50)},
+    "mobilenet_v2": lambda num_classes, spec=QuantSpec(), **kw: MobileNetV2(num_classes, spec, **kw),
+    "convnet": lambda num_classes, spec=QuantSpec(), **kw: ConvNet(num_classes, spec, **kw),
+    **{f"tsm_resnet{d}": functools.partial(cifar_resnet, d, num_frames=8) for d in (8, 20)},
+    **{f"tsm_resnet{d}": functools.partial(imagenet_resnet, d, num_frames=8) for d in (18, 50)},
+}
+
+
+def model_names() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def get_model(name: str, num_classes: int, spec: QuantSpec = QuantSpec(), **options) -> Network:
+  """A registered model by name; ``options`` are the builder's keyword arguments
+  (``width``, ``num_frames``, ``cifar_stem``, ``widths``)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"model {name!r} is unknown; allowed: {model_names()}")
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+  try:
+    return _REGISTRY[name](num_classes=num_classes, spec=spec, **options)
+  except TypeError as e:
+    raise ValueError(f"bad options for model {name!r}: {e}") from None
+
+
+def num_blocks(model: Network) -> int:
+  """Length of the precision plan the model takes."""
+  if isinstance(model, ResNet):
+    return sum(model.stage_sizes)
+  if isinstance(model, MobileNetV2):
+    return sum(n for _, _, n, _ in INVERTED_RESIDUAL_SETTING)
+  if isinstance(model, ConvNet):
+    return len(model.widths)
+  raise TypeError(f"unknown model type {type(model).__name__}")
+
+
+__all__ = ["ConvNet", "FIRST_LAST", "MobileNetV2", "Network", "QuantSpec", "ResNet", "cifar_resnet",
+           "count_macs", "count_params", "get_model", "imagenet_resnet", "model_names", "num_blocks",
+           "temporal_shift"]

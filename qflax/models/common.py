@@ -1,0 +1,129 @@
+"""What every model shares: quantization settings, segment-wise execution, counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from qflax import nn as qnn
+
+FIRST_LAST = ("fp", "int8")
+FULL_PRECISION = qnn.BlockPrecision(32, 32, 0)
+FIXED_INT8 = qnn.BlockPrecision(8, 8, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How a model's quantized layers are built.
+
+  Attributes:
+    bit_set: static bit-widths; one BatchNorm / quantizer-parameter slot each.
+    weight_quantizer: weight quantizer name for block convolutions.
+    act_quantizer: quantizer for non-negative inputs (after a ReLU).
+    signed_act_quantizer: quantizer for inputs that can be negative
+      (MobileNetV2 block inputs after the linear bottleneck).
+    act_param_init: initial activation-quantizer scalars, e.g. ``(("alpha", 8.0),)``.
+    first_last: ``"fp"`` (full precision) or ``"int8"`` (fixed 8-bit) for the
+      first convolution and the classifier.
+  """
+  bit_set: tuple[int, ...] = (32,)
+  weight_quantizer: str = "none"
+  act_quantizer: str = "none"
+  signed_act_quantizer: str = "none"
+  act_param_init: tuple[tuple[str, float], ...] = ()
+  first_last: str = "fp"
+
+  def __post_init__(self):
+    qnn.check_bit_set(self.bit_set)
+    if self.first_last not in FIRST_LAST:
+      raise ValueError(f"first_last={self.first_last!r} is unknown; allowed: {FIRST_LAST}")
+
+  @property
+  def num_slots(self) -> int:
+    return len(self.bit_set)
+
+  def conv(self, features, kernel_size=(3, 3), strides=1, padding="SAME", *, signed_input=False,
+           groups=1, name=None) -> qnn.QuantConv:
+    return qnn.QuantConv(
+        features, kernel_size, strides, padding, feature_group_count=groups,
+        weight_quantizer=self.weight_quantizer,
+        act_quantizer=self.signed_act_quantizer if signed_input else self.act_quantizer,
+        bit_set=self.bit_set, act_param_init=dict(self.act_param_init) or None, name=name)
+
+  def bn(self, name=None) -> qnn.SwitchableBatchNorm:
+    return qnn.SwitchableBatchNorm(self.num_slots, name=name)
+
+  def fixed_layer_settings(self):
+    """``(layer kwargs, precision)`` for the first conv and the classifier."""
+    if self.first_last == "int8":
+      return dict(weight_quantizer="uniform", act_quantizer="uniform", bit_set=(8,)), FIXED_INT8
+    return dict(weight_quantizer="none", act_quantizer="none", bit_set=(32,)), FULL_PRECISION
+
+
+class Network(nn.Module):
+  """A stem, an ordered list of blocks, a head, run whole or segment by segment.
+
+  Subclasses define ``setup`` (with ``self.blocks``), ``stem(x, train)`` and
+  ``head(h, plan, train)``. ``__call__`` is exactly
+  ``head(run_blocks(stem(x), plan, 0, num_blocks))``, so features from one
+  network can enter another between any two blocks:
+
+    >>> h = model.apply(v, x, train=False, method=model.stem)
+    >>> h = model.apply(v, h, plan, 0, 3, train=False, method=model.run_blocks)
+    >>> logits = model.apply(v, h, plan, train=False, method=model.head)
+  """
+
+  def check_plan(self, plan: qnn.PrecisionPlan):
+    if plan.num_blocks != len(self.blocks):
+      raise ValueError(f"precision plan has {plan.num_blocks} blocks; {type(self).__name__} "
+                       f"has {len(self.blocks)}")
+
+  def run_blocks(self, h, plan: qnn.PrecisionPlan, start: int, end: int, train: bool = False,
+                 return_features: bool = False):
+    """Blocks ``start..end-1``; with ``return_features`` also each block's output."""
+    self.check_plan(plan)
+    features = []
+    for i in range(start, end):
+      h = self.blocks[i](h, plan.block(i), train)
+      features.append(h)
+    return (h, features) if return_features else h
+
+  def __call__(self, x, plan: qnn.PrecisionPlan, train: bool = False, return_features: bool = False):
+    h, features = self.run_blocks(self.stem(x, train), plan, 0, len(self.blocks), train, True)
+    logits = self.head(h, plan, train)
+    return (logits, features) if return_features else logits
+
+
+def count_params(params) -> int:
+  """Parameters of one precision: weights, biases, one BatchNorm slot.
+
+  Stacked per-bit-width BatchNorm parameters count once; quantizer scalars
+  (``input_*``, ``kernel_*``) are not counted.
+  """
+  total = 0
+  for path, value in traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+    name = path[-1]
+    if name.startswith(("input_", "kernel_")):
+      continue
+    if name in ("scale", "bias") and value.ndim == 2:   # SwitchableBatchNorm (slots, C)
+      total += value.shape[1]
+    else:
+      total += int(np.prod(value.shape))
+  return total
+
+
+def count_macs(model: Network, variables, x, plan) -> int:
+  """Multiply-accumulates per example of the convolutions and dense layers."""
+  _, state = model.apply(variables, x[:1], plan, train=False, mutable=[qnn.FLOPS])
+  return int(sum(jax.tree_util.tree_leaves(state[qnn.FLOPS])))
+
+
+def global_avg_pool(h):
+  return jnp.mean(h, axis=(1, 2))

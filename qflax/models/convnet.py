@@ -1,0 +1,43 @@
+"""A small ConvNet for 28x28 inputs (Fashion-MNIST-sized quick runs)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+
+from qflax import nn as qnn
+from qflax.models.common import Network, QuantSpec, global_avg_pool
+
+
+class ConvBlock(nn.Module):
+  """``maxpool?(relu(bn(conv3x3(x))))``; one quantizable block."""
+  features: int
+  pool: bool
+  spec: QuantSpec
+
+  @nn.compact
+  def __call__(self, x, p: qnn.BlockPrecision, train: bool):
+    y = nn.relu(self.spec.bn("bn")(self.spec.conv(self.features, name="conv")(x, p), p.slot, not train))
+    return nn.max_pool(y, (2, 2), (2, 2)) if self.pool else y
+
+
+class ConvNet(Network):
+  """Full-precision (or int8) 3x3 stem, then ``widths`` conv blocks (pooling after the
+  first two), global average pooling and the classifier."""
+  num_classes: int
+  spec: QuantSpec = QuantSpec()
+  widths: Sequence[int] = (32, 64, 128)
+
+  def setup(self):
+    fixed, self.fixed_precision = self.spec.fixed_layer_settings()
+    self.stem_conv = qnn.QuantConv(self.widths[0], (3, 3), **fixed)
+    self.stem_bn = qnn.SwitchableBatchNorm(1)
+    self.blocks = [ConvBlock(w, i < 2, self.spec) for i, w in enumerate(self.widths)]
+    self.classifier = qnn.QuantDense(self.num_classes, **fixed)
+
+  def stem(self, x, train: bool = False):
+    return nn.relu(self.stem_bn(self.stem_conv(x, self.fixed_precision), 0, not train))
+
+  def head(self, h, plan: qnn.PrecisionPlan, train: bool = False):
+    return self.classifier(global_avg_pool(h), self.fixed_precision)
