@@ -1,0 +1,164 @@
+"""Host streaming pipeline for ImageNet-size and video datasets.
+
+Reads a random-access source (``tfds.data_source(...)[split]``, or any sequence
+of ``{"image": uint8, "label": int}`` records; video records hold ``(T, H, W, C)``
+clips), applies the standard transforms on host threads, and prefetches sharded
+global batches onto the devices. Each process reads only its share of every
+epoch's order, which is a pure function of ``(seed, epoch)``.
+
+Training: RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) to ``image_size``
+and a horizontal flip; evaluation: resize the shorter side to ``resize_size``
+and centre-crop ``image_size`` (Szegedy et al. 2015; the torchvision recipe).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resize of ``(..., H, W, C)`` uint8 frames."""
+  lead = frames.shape[:-3]
+  flat = frames.reshape((-1,) + frames.shape[-3:])
+  out = []
+  for f in flat:
+    img = Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f)
+    r = np.asarray(img.resize((width, height), Image.BILINEAR))
+    out.append(r.reshape(height, width, f.shape[-1]))
+  return np.stack(out).reshape(lead + (height, width, frames.shape[-1]))
+
+
+def random_resized_crop(rng: np.random.Generator, frames: np.ndarray, size: int,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  """One random crop (area fraction ``scale``, aspect ``ratio``) resized to ``size``."""
+  height, width = frames.shape[-3], frames.shape[-2]
+  area = height * width
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+      return _resize(frames[..., top:top + h, left:left + w, :], size, size)
+  side = min(height, width)   # fallback: central square
+  top, left = (height - side) // 2, (width - side) // 2
+  return _resize(frames[..., top:top + side, left:left + side, :], size, size)
+
+
+def resize_center_crop(frames: np.ndarray, resize_size: int, size: int) -> np.ndarray:
+  """Resize the shorter side to ``resize_size``, then centre-crop ``size`` x ``size``."""
+  height, width = frames.shape[-3], frames.shape[-2]
+  s = resize_size / min(height, width)
+  h, w = max(size, round(height * s)), max(size, round(width * s))
+  resized = _resize(frames, h, w)
+  top, left = (h - size) // 2, (w - size) // 2
+  return resized[..., top:top + size, left:left + size, :]
+
+
+class StreamingPipeline:
+  """Sharded, prefetched batches from a random-access source.
+
+  Args:
+    source: random-access records with ``"image"`` and ``"label"``.
+    batch_size: global batch size (divisible by the process count).
+    train: training transforms and shuffling, else evaluation transforms in order.
+    sharding: where each global batch goes (e.g. ``NamedSharding(mesh, P('data'))``).
+    process_index, process_count: this process's share (defaults from JAX).
+
+  Example:
+    >>> pipe = StreamingPipeline(tfds.data_source("imagenet2012")["train"], 256, train=True,
+    ...                          sharding=NamedSharding(mesh, P("data")))
+    >>> for images, labels in pipe.epoch(0): ...
+  """
+
+  def __init__(self, source: Sequence, batch_size: int, *, train: bool, sharding=None, image_size: int = 224,
+               resize_size: int = 256, seed: int = 0, process_index: int | None = None,
+               process_count: int | None = None, num_workers: int = 8, prefetch: int = 2):
+    self.source, self.train, self.sharding = source, train, sharding
+    self.image_size, self.resize_size, self.seed = image_size, resize_size, seed
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % self.process_count:
+      raise ValueError(f"batch_size={batch_size} is not divisible by the {self.process_count} processes")
+    self.batch_size, self.local_batch = batch_size, batch_size // self.process_count
+    self.num_workers, self.prefetch = num_workers, prefetch
+
+  def local_indices(self, epoch: int) -> np.ndarray:
+    """This process's example indices for ``epoch``, in order."""
+    n = len(self.source)
+    order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.train else np.arange(n)
+    return order[self.process_index::self.process_count]
+
+  def steps_per_epoch(self) -> int:
+    n = len(self.source) // self.process_count
+    return n // self.local_batch if self.train else -(-n // self.local_batch)
+
+  def _example(self, epoch: int, index: int):
+    record = self.source[int(index)]
+    frames = np.asarray(record["image"], np.uint8)
+    if frames.ndim == 2:
+      frames = frames[..., None]
+    if self.train:
+      rng = np.random.default_rng((self.seed, epoch, int(index)))
+      frames = random_resized_crop(rng, frames, self.image_size)
+      if rng.random() < 0.5:
+        frames = frames[..., ::-1, :]
+    else:
+      frames = resize_center_crop(frames, self.resize_size, self.image_size)
+    return np.ascontiguousarray(frames), int(record["label"])
+
+  def _host_batches(self, epoch: int, pool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    indices = self.local_indices(epoch)
+    for step in range(self.steps_per_epoch()):
+      chunk = indices[step * self.local_batch:(step + 1) * self.local_batch]
+      examples = list(pool.map(lambda i: self._example(epoch, i), chunk))
+      images = np.stack([e[0] for e in examples])
+      labels = np.asarray([e[1] for e in examples], np.int32)
+      mask = np.ones(len(chunk), bool)
+      if len(chunk) < self.local_batch:   # last evaluation batch: pad, mask out
+        pad = self.local_batch - len(chunk)
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+        mask = np.concatenate([mask, np.zeros(pad, bool)])
+      yield images, labels, mask
+
+  def _to_global(self, arrays):
+    if self.sharding is None:
+      return tuple(jax.numpy.asarray(a) for a in arrays)
+    return tuple(jax.make_array_from_process_local_data(self.sharding, a) for a in arrays)
+
+  def epoch(self, epoch: int) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Yields ``(images uint8, labels, mask)`` global batches, ``prefetch`` ahead."""
+    buffer: queue.Queue = queue.Queue(maxsize=self.prefetch)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+      try:
+        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+          for arrays in self._host_batches(epoch, pool):
+            if stop.is_set():
+              return
+            buffer.put(self._to_global(arrays))
+        buffer.put(done)
+      except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+        buffer.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+      while (item := buffer.get()) is not done:
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      stop.set()
