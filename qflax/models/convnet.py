@@ -22,14 +22,21 @@ class ConvBlock(nn.Module):
     return nn.max_pool(y, (2, 2), (2, 2)) if self.pool else y
 
 
+HEADS = ("flatten", "avg")
+
+
 class ConvNet(Network):
   """Full-precision (or int8) 3x3 stem, then ``widths`` conv blocks (pooling after the
-  first two), global average pooling and the classifier."""
+  first two), then the classifier on the flattened features (``head="flatten"``,
+  keeps the spatial layout) or on their global average (``head="avg"``)."""
   num_classes: int
   spec: QuantSpec = QuantSpec()
   widths: Sequence[int] = (32, 64, 128)
+  head_type: str = "flatten"
 
   def setup(self):
+    if self.head_type not in HEADS:
+      raise ValueError(f"head_type={self.head_type!r} is unknown; allowed: {HEADS}")
     fixed, self.fixed_precision = self.spec.fixed_layer_settings()
     self.stem_conv = qnn.QuantConv(self.widths[0], (3, 3), **fixed)
     self.stem_bn = qnn.SwitchableBatchNorm(1)
@@ -40,4 +47,5 @@ class ConvNet(Network):
     return nn.relu(self.stem_bn(self.stem_conv(x, self.fixed_precision), 0, not train))
 
   def head(self, h, plan: qnn.PrecisionPlan, train: bool = False):
-    return self.classifier(global_avg_pool(h), self.fixed_precision)
+    features = h.reshape(h.shape[0], -1) if self.head_type == "flatten" else global_avg_pool(h)
+    return self.classifier(features, self.fixed_precision)

@@ -14,9 +14,13 @@ from qflax.nn._src.batch_norm import select_slot
 from qflax.nn._src.batch_norm import update_slot
 from qflax.nn._src.calibration import calibrate
 from qflax.nn._src.layers import CALIBRATION
+from qflax.nn._src.layers import EXPORT
 from qflax.nn._src.layers import FLOPS
 from qflax.nn._src.layers import QuantConv
 from qflax.nn._src.layers import QuantDense
+from qflax.nn._src.layers import export_kernel
+from qflax.nn._src.layers import exported_bytes
+from qflax.nn._src.layers import exported_kernel_params
 from qflax.nn._src.layers import quantize_operands
 from qflax.nn._src.precision import BlockPrecision
 from qflax.nn._src.precision import PrecisionPlan

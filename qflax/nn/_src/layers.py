@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qflax import quant
 from qflax.nn._src.batch_norm import select_slot
@@ -21,6 +22,7 @@ from qflax.nn._src.precision import BlockPrecision, check_bit_set, check_slot
 
 CALIBRATION = "calibration"
 FLOPS = "flops"   # when mutable, layers sow their multiply-accumulates per example
+EXPORT = "export"  # when mutable (concrete precision), layers sow their exported kernel
 Initializer = Callable[..., jax.Array]
 
 
@@ -62,7 +64,47 @@ def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array, precis
       module.sow(CALIBRATION, "input", {"slot": slot, **aq.init(x, a_bits)})
     if wq.param_names:
       module.sow(CALIBRATION, "kernel", {"slot": slot, **wq.init(kernel, w_bits)})
+  if module.is_mutable_collection(EXPORT) and not module.is_initializing():
+    module.sow(EXPORT, "kernel", export_kernel(wq, kernel, precision.w_bits, w_params))
   return aq.apply(x, a_bits, a_params), wq.apply(kernel, w_bits, w_params)
+
+
+def export_kernel(quantizer: quant.Quantizer, kernel: jax.Array, w_bits, params) -> dict:
+  """The exported form of a kernel: integer codes (+ scale, zero point) or float32.
+
+  ``w_bits`` must be concrete (export runs outside ``jit``).
+  """
+  bits = quant.check_bits(w_bits, "w_bits")
+  bits_value = int(np.asarray(bits))
+  if quantizer.name == "none" or bits_value >= quant.FULL_PRECISION:
+    return {"float": kernel}
+  encoded = quantizer.integer(kernel, bits_value, params)
+  return {"codes": encoded.codes, "scale": jnp.asarray(encoded.scale), "zero_point": jnp.asarray(encoded.zero_point),
+          "bits": bits_value}
+
+
+def _exported_entries(tree):
+  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, dict) and ("float" in x or "codes" in x)):
+    if isinstance(leaf, dict):
+      yield leaf
+
+
+def exported_bytes(tree) -> int:
+  """Bytes of the kernels in an ``EXPORT`` collection: packed codes plus float32
+  scales and zero points, or float32 for full-precision kernels."""
+  total = 0
+  for entry in _exported_entries(tree):
+    if "float" in entry:
+      total += 4 * int(entry["float"].size)
+    else:
+      total += quant.packed_size_bytes(int(entry["codes"].size), int(entry["bits"]))
+      total += 4 * (int(np.size(entry["scale"])) + int(np.size(entry["zero_point"])))
+  return total
+
+
+def exported_kernel_params(tree) -> int:
+  """Number of kernel weights in an ``EXPORT`` collection."""
+  return sum(int(e["float"].size if "float" in e else e["codes"].size) for e in _exported_entries(tree))
 
 
 def _padding(padding, ndim):

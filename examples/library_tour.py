@@ -6,7 +6,7 @@ each step sums the losses at every bit-width (precision is data, so one jitted
 step serves all of them). It then prints the accuracy per bit-width and the
 packed integer size of the hidden layer's weights.
 
-  python examples/quickstart.py
+  python examples/library_tour.py
 """
 
 from __future__ import annotations

@@ -1,0 +1,21 @@
+"""Training methods by name (see ``base.Method`` for the protocol)."""
+
+from __future__ import annotations
+
+from qflax.methods.base import Method, Phase, TrainState, Variant
+from qflax.methods.qat import QAT, FullPrecision
+
+_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT)}
+
+
+def method_names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+  if name not in _REGISTRY:
+    raise ValueError(f"method.name={name!r} is unknown; allowed: {method_names()}")
+  return _REGISTRY[name]
+
+
+__all__ = ["FullPrecision", "Method", "Phase", "QAT", "TrainState", "Variant", "get_method", "method_names"]

@@ -1,0 +1,86 @@
+"""The protocol between methods and the training loop.
+
+The loop (``qflax.train``) knows a method only through this interface: it asks
+for the phases, builds the initial state, calls the (jitted) train step, and
+evaluates every variant. Adding a method never touches the loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, NamedTuple
+
+import flax
+import jax
+
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds. ``extra`` is method-specific (may be ``{}``)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  extra: Any
+
+
+class Phase(NamedTuple):
+  """A training phase: its own optimizer state and schedule, ``num_epochs`` long."""
+  name: str
+  num_epochs: int
+
+
+class Variant(NamedTuple):
+  """One evaluated configuration (a bit-width, a replica, ...)."""
+  name: str
+  w_bits: int
+  a_bits: int
+
+
+class Method(abc.ABC):
+  """A training method. Subclasses set ``name`` and implement the abstract methods.
+
+  ``train_step`` and ``eval_logits`` must be pure and jittable; the loop jits them
+  (``phase_index`` static, ``variant_index`` traced so that evaluating another
+  variant never recompiles).
+  """
+  name: ClassVar[str]
+
+  @classmethod
+  def validate_config(cls, config, error: type[Exception]) -> None:
+    """Checks the method's own fields; raises ``error`` naming the field."""
+
+  @abc.abstractmethod
+  def phases(self) -> list[Phase]:
+    ...
+
+  @abc.abstractmethod
+  def init_state(self, rng: jax.Array, sample_x: jax.Array) -> TrainState:
+    ...
+
+  @abc.abstractmethod
+  def start_phase(self, state: TrainState, phase_index: int) -> TrainState:
+    """The state at the start of ``phase_index``: a fresh optimizer state."""
+
+  @abc.abstractmethod
+  def train_step(self, state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array,
+                 phase_index: int) -> tuple[TrainState, Metrics]:
+    """One optimizer step; metrics hold at least ``loss`` (scalar) and ``accuracy``."""
+
+  @abc.abstractmethod
+  def variants(self) -> list[Variant]:
+    ...
+
+  @abc.abstractmethod
+  def eval_logits(self, state: TrainState, x: jax.Array, variant_index: jax.Array) -> jax.Array:
+    ...
+
+  @abc.abstractmethod
+  def model_bytes(self, state: TrainState, variant_index: int, sample_x: jax.Array) -> int:
+    """Size of the exported integer model of a variant."""
+
+  def report(self, state: TrainState) -> dict:
+    """Method-specific keys for ``results.json``."""
+    return {}

@@ -1,0 +1,70 @@
+"""Pieces every method uses: losses, model and plan construction, export size."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qflax import models
+from qflax import nn as qnn
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits, labels):
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def quant_spec(config, bit_set) -> models.QuantSpec:
+  q = config.quant
+  return models.QuantSpec(bit_set=tuple(bit_set), weight_quantizer=q.weight_quantizer,
+                          act_quantizer=q.act_quantizer, signed_act_quantizer=q.signed_act_quantizer,
+                          act_param_init=tuple(sorted(dict(q.act_param_init).items())), first_last=q.first_last)
+
+
+def build_model(config, num_classes: int, spec: models.QuantSpec) -> models.Network:
+  return models.get_model(config.model.name, num_classes, spec, **dict(config.model.options))
+
+
+def stacked_plans(model, bit_set) -> qnn.PrecisionPlan:
+  """One uniform plan per bit-width in ``bit_set``, stacked: fields ``(K, num_blocks)``."""
+  plans = [qnn.uniform_plan(models.num_blocks(model), b, bit_set) for b in bit_set]
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *plans)
+
+
+def plan_at(plans: qnn.PrecisionPlan, index) -> qnn.PrecisionPlan:
+  return jax.tree_util.tree_map(lambda a: a[index], plans)
+
+
+BIT_AXIS_MODES = ("loop", "vmap")
+
+
+def map_bit_axis(fn, mode: str, *stacked):
+  """``fn`` over the leading (bit-width) axis of ``stacked``, results stacked.
+
+  ``mode="loop"`` unrolls a Python loop (one program per bit-width; fastest on
+  CPU, where XLA runs vmapped convolutions with batched kernels as slow grouped
+  convolutions); ``mode="vmap"`` vectorises. Both compute the same values.
+  """
+  if mode == "vmap":
+    return jax.vmap(fn)(*stacked)
+  size = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  outs = [fn(*jax.tree_util.tree_map(lambda a: a[k], stacked)) for k in range(size)]
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+
+def variant_name(w_bits: int, a_bits: int) -> str:
+  return "fp32" if w_bits >= 32 and a_bits >= 32 else f"w{w_bits}a{a_bits}"
+
+
+def export_model_bytes(model, variables, x, plan: qnn.PrecisionPlan) -> int:
+  """Bytes of the exported model for a concrete plan (see ``qflax.nn.EXPORT``)."""
+  plan = qnn.PrecisionPlan(*(np.asarray(a) for a in plan))
+  _, state = model.apply(variables, x[:1], plan, train=False, mutable=[qnn.EXPORT])
+  total = qnn.exported_bytes(state[qnn.EXPORT])
+  # BatchNorm (one slot) and biases travel as float32 beside the exported kernels.
+  return total + 4 * models.count_params(variables["params"]) - 4 * qnn.exported_kernel_params(state[qnn.EXPORT])
