@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from qflax.methods.aao import AAO
 from qflax.methods.base import Method, Phase, TrainState, Variant
 from qflax.methods.qat import QAT, FullPrecision
 
-_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT)}
+_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT, AAO)}
 
 
 def method_names() -> tuple[str, ...]:
@@ -18,4 +19,4 @@ def get_method(name: str) -> type[Method]:
   return _REGISTRY[name]
 
 
-__all__ = ["FullPrecision", "Method", "Phase", "QAT", "TrainState", "Variant", "get_method", "method_names"]
+__all__ = ["AAO", "FullPrecision", "Method", "Phase", "QAT", "TrainState", "Variant", "get_method", "method_names"]

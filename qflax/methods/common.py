@@ -61,10 +61,17 @@ def variant_name(w_bits: int, a_bits: int) -> str:
   return "fp32" if w_bits >= 32 and a_bits >= 32 else f"w{w_bits}a{a_bits}"
 
 
-def export_model_bytes(model, variables, x, plan: qnn.PrecisionPlan) -> int:
-  """Bytes of the exported model for a concrete plan (see ``qflax.nn.EXPORT``)."""
+def export_integer_model(model, variables, x, plan: qnn.PrecisionPlan):
+  """Every layer's exported kernel for a concrete plan: integer codes with scale and
+  zero point (or float32 where full precision), in the module tree of the model."""
   plan = qnn.PrecisionPlan(*(np.asarray(a) for a in plan))
   _, state = model.apply(variables, x[:1], plan, train=False, mutable=[qnn.EXPORT])
-  total = qnn.exported_bytes(state[qnn.EXPORT])
+  return state[qnn.EXPORT]
+
+
+def export_model_bytes(model, variables, x, plan: qnn.PrecisionPlan) -> int:
+  """Bytes of the exported model for a concrete plan (see ``qflax.nn.EXPORT``)."""
+  exported = export_integer_model(model, variables, x, plan)
+  total = qnn.exported_bytes(exported)
   # BatchNorm (one slot) and biases travel as float32 beside the exported kernels.
-  return total + 4 * models.count_params(variables["params"]) - 4 * qnn.exported_kernel_params(state[qnn.EXPORT])
+  return total + 4 * models.count_params(variables["params"]) - 4 * qnn.exported_kernel_params(exported)

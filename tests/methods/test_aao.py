@@ -1,0 +1,194 @@
+"""AAO: one compile, the objective, swapped blocks, adaptive teachers, gradients, video."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from qflax import distill, train
+from qflax import nn as qnn
+from qflax.methods import AAO, common
+
+BITS = (32, 8, 4, 2)
+
+
+def _aao(config, **options):
+  config.method.name = "aao"
+  config.bits = BITS
+  for k, v in options.items():
+    config.method[k] = v
+  train.validate(config)
+  method = AAO(config, num_classes=4, steps_per_epoch=3)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+  state = method.init_state(jax.random.key(0), x[:1])
+  return method, state, x, y
+
+
+def test_step_compiles_once_whatever_is_drawn(tiny_config):
+  method, state, x, y = _aao(tiny_config, teacher="adaptive", sample_teacher=True)
+  traces = []
+
+  def step(state, rng):
+    traces.append(1)
+    return method.train_step(state, x, y, rng, 0)
+
+  step = jax.jit(step)
+  masks, teachers = set(), set()
+  for i in range(6):
+    drawn_teachers, drawn_masks, _ = method.teachers_and_masks(state, jax.random.key(i))
+    masks.add(np.asarray(drawn_masks).tobytes())
+    teachers.add(np.asarray(drawn_teachers).tobytes())
+    state, metrics = step(state, jax.random.key(i))
+    assert np.isfinite(float(metrics["loss"]))
+  assert len(traces) == 1
+  assert len(masks) > 1   # the draws really differed
+
+
+@pytest.mark.parametrize("beta,temperature", [(1.0, 1.0), (0.5, 2.0)])
+def test_without_swapping_the_loss_is_the_sum_of_per_bit_losses(tiny_config, beta, temperature):
+  method, state, x, y = _aao(tiny_config, teacher="fixed", swap=False, beta=beta, temperature=temperature)
+  teachers, masks, _ = method.teachers_and_masks(state, jax.random.key(0))
+  loss, _ = method.loss(state.params, state, x, y, teachers, masks)
+
+  def logits(bits):
+    plan = qnn.uniform_plan(method.num_blocks, bits, BITS)
+    out, _ = method.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, plan, train=True,
+                                mutable=["batch_stats"])
+    return out
+
+  z = {b: logits(b) for b in BITS}
+  p_teacher = jax.nn.softmax(z[32] / temperature)
+  expected = common.cross_entropy(z[32], y)
+  for b in BITS[1:]:
+    kl = jnp.mean(jnp.sum(p_teacher * (jnp.log(p_teacher) - jax.nn.log_softmax(z[b] / temperature)), -1))
+    expected += (1 - beta) * common.cross_entropy(z[b], y) + beta * temperature**2 * kl
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_a_swapped_block_runs_at_the_teachers_bits_and_slot(tiny_config):
+  method, state, x, _ = _aao(tiny_config)
+  model, variables = method.model, {"params": state.params, "batch_stats": state.batch_stats}
+  teacher, student = (qnn.uniform_plan(method.num_blocks, b, BITS) for b in (8, 2))
+  mask = jnp.array([False, True, False])
+  hybrid = qnn.mix_plans(mask, teacher, student)
+  _, features = model.apply(variables, x, hybrid, return_features=True)
+  swapped_alone = model.apply(variables, features[0], teacher, 1, 2, method=model.run_blocks)
+  np.testing.assert_allclose(features[1], swapped_alone, rtol=1e-6, atol=1e-6)
+  at_student = model.apply(variables, features[0], student, 1, 2, method=model.run_blocks)
+  assert not np.allclose(features[1], at_student, atol=1e-3)
+  assert hybrid.block(1) == (8, 8, BITS.index(8)) and hybrid.block(0) == (2, 2, BITS.index(2))
+
+
+def test_adaptive_selection_from_constructed_statistics():
+  kl = jnp.zeros((4, 4)).at[:, 3].set(jnp.array([0.5, 0.1, 0.3, 0.0]))
+  stats = distill.TeacherStats(jnp.array([0.9, 0.8, 0.7, 0.6]), kl)
+  assert int(distill.select_teacher(3, "adaptive", stats)) == 1       # closest competent
+  stats = stats._replace(accuracy=jnp.array([0.9, 0.5, 0.7, 0.6]))
+  assert int(distill.select_teacher(3, "adaptive", stats)) == 2       # 1 is less accurate than the student
+  stats = stats._replace(accuracy=jnp.array([0.1, 0.2, 0.3, 0.6]))
+  assert int(distill.select_teacher(3, "adaptive", stats)) == 0       # nobody qualifies: the highest
+  assert int(distill.select_teacher(3, "fixed")) == 0
+  assert int(distill.select_teacher(3, "next")) == 2
+  stats = distill.TeacherStats(jnp.array([0.9, 0.8, 0.7, 0.6]), kl)
+  draws = np.asarray(jax.vmap(lambda k: distill.select_teacher(3, "adaptive", stats, key=k, sample=True))(
+      jax.random.split(jax.random.key(0), 4000)))
+  freq = np.bincount(draws, minlength=4) / draws.size
+  want = np.exp(-np.array([0.5, 0.1, 0.3])) / np.exp(-np.array([0.5, 0.1, 0.3])).sum()
+  np.testing.assert_allclose(freq[:3], want, atol=0.03)
+  assert freq[3] == 0
+
+
+def test_teacher_statistics_are_updated_in_the_step(tiny_config):
+  method, state, x, y = _aao(tiny_config)
+  new_state, metrics = jax.jit(lambda s: method.train_step(s, x, y, jax.random.key(1), 0))(state)
+  assert np.any(np.asarray(new_state.extra["kl_ema"]) > 0)
+  np.testing.assert_allclose(new_state.extra["accuracy_ema"][0], 0.1 * metrics["accuracy/fp32"], rtol=1e-6)
+
+
+def _slot_grads(params, slot):
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+  return {k: np.asarray(v[slot]) for k, v in flat.items() if k[-1] in ("scale", "bias") and v.ndim == 2
+          and "blocks_1" in k}
+
+
+def test_gradients_reach_the_teacher_slot_of_swapped_blocks(tiny_config):
+  method, state, x, y = _aao(tiny_config, teacher="next", swap=True, beta=1.0)
+  teachers, _, _ = method.teachers_and_masks(state, jax.random.key(0))
+  masks = jnp.zeros((3, method.num_blocks), bool).at[2, 1].set(True)   # w2a2's block 1 runs at w4a4
+  grad = lambda m, w: jax.grad(lambda p: method.loss(p, state, x, y, teachers, m)[0])(state.params)
+  with_swap = _slot_grads(grad(masks, 1.0), BITS.index(4))
+  no_swap_method, *_ = _aao(tiny_config, teacher="next", swap=False, beta=1.0)
+  without = _slot_grads(jax.grad(lambda p: no_swap_method.loss(p, state, x, y, teachers, masks)[0])(state.params),
+                        BITS.index(4))
+  assert any(not np.allclose(with_swap[k], without[k]) for k in with_swap)
+
+
+def test_vmap_bit_axis_is_refused_for_aao(tiny_config):
+  tiny_config.method.name = "aao"
+  tiny_config.bits = BITS
+  tiny_config.method.bit_axis = "vmap"
+  with pytest.raises(train.ConfigError, match="method.bit_axis"):
+    train.validate(tiny_config)
+
+
+def test_switching_bit_width_at_inference_does_not_recompile(tiny_config):
+  method, state, x, _ = _aao(tiny_config)
+  traces = []
+
+  @jax.jit
+  def predict(state, x, k):
+    traces.append(1)
+    return method.eval_logits(state, x, k)
+
+  outs = [predict(state, x, jnp.int32(k)) for k in range(len(BITS))]
+  assert len(traces) == 1 and not np.allclose(outs[0], outs[-1])
+
+
+def test_integer_export_per_bit_width(tiny_config):
+  method, state, x, _ = _aao(tiny_config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  sizes = [method.model_bytes(state, k, x) for k in range(len(BITS))]
+  assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0] / 2
+  exported = common.export_integer_model(method.model, variables, x, qnn.uniform_plan(method.num_blocks, 2, BITS))
+  entry = exported["blocks_1"]["conv"]["kernel"][0]
+  assert entry["bits"] == 2 and int(np.max(entry["codes"])) < 4
+  kernel = state.params["blocks_1"]["conv"]["kernel"]
+  from qflax import quant
+  np.testing.assert_array_equal(quant.dequantize(quant.IntegerTensor(entry["codes"], entry["scale"],
+                                                                     entry["zero_point"], 2)),
+                                quant.sat_weight(kernel, 2))
+
+
+@pytest.mark.parametrize("field,value", [("teacher", "best"), ("swap_mask", "suffix"), ("beta", 1.5),
+                                         ("temperature", 0.0), ("swap_schedule", "cosine"), ("swap", "yes")])
+def test_bad_aao_options_are_named(tiny_config, field, value):
+  tiny_config.method.name = "aao"
+  tiny_config.bits = BITS
+  tiny_config.method[field] = value
+  with pytest.raises(train.ConfigError, match=f"method.{field}"):
+    train.validate(tiny_config)
+
+
+def test_aao_needs_several_bit_widths(tiny_config):
+  tiny_config.method.name = "aao"
+  tiny_config.bits = (4,)
+  with pytest.raises(train.ConfigError, match="two or more"):
+    train.validate(tiny_config)
+
+
+def test_tsm_video_model_trains_with_aao_on_synthetic_clips(tiny_config, tmp_path):
+  tiny_config.method.name = "aao"
+  tiny_config.bits = (8, 4, 2)
+  tiny_config.model.name = "tsm_resnet8"
+  tiny_config.model.options = {"num_frames": 2}
+  tiny_config.dataset.synthetic.update({"num_frames": 2, "channels": 3, "num_train": 32, "num_test": 16})
+  tiny_config.num_epochs = 1
+  results = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert [v["name"] for v in results["variants"]] == ["w8a8", "w4a4", "w2a2"]
+  assert all(0 <= v["accuracy"] <= 1 for v in results["variants"])

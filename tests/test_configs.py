@@ -1,0 +1,35 @@
+"""Every shipped config validates, and overrides are checked like any field."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from qflax import train
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_validates(path):
+  train.validate(_load(path))
+
+
+def test_every_issue_config_is_shipped():
+  names = {p.stem for p in CONFIGS}
+  assert {"quickstart", "fp_cifar100", "qat_cifar100", "aao_cifar100", "aao_fashion_mnist", "aao_ucf101"} <= names
+
+
+def test_aao_recipe_matches_the_spec():
+  c = _load(next(p for p in CONFIGS if p.stem == "aao_cifar100"))
+  assert c.model.name == "preact_resnet20" and tuple(c.bits) == (32, 8, 6, 4, 2)
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay, c.num_epochs, c.batch_size) == (
+      "sgd", 0.1, 5e-4, 200, 128)
+  assert c.method.teacher == "adaptive" and c.method.swap_probability == 0.5 and c.method.beta == 1.0
