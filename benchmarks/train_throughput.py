@@ -12,7 +12,6 @@ interleaved rounds; the median is reported with the ratio to ``fp``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -22,17 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from qflax import methods
-from qflax.train import default_config
+from qflax.train import default_config, load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(model: str, method: str, bits, bit_axis: str = "loop"):
   if model == "convnet":
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "configs", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config_file(os.path.join(ROOT, "configs", "quickstart.py"))
     shape, classes = (28, 28, 1), 10
   else:
     c = default_config()

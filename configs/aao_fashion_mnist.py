@@ -4,16 +4,13 @@
   # ablations: --config.method.swap=False, --config.method.teacher=fixed, --config.bits='(8,4,2)'
 """
 
-import importlib.util
 import os
+
+from qflax.train import load_config_file
 
 
 def get_config():
-  aao_spec = importlib.util.spec_from_file_location(
-      "aao_cifar100", os.path.join(os.path.dirname(os.path.abspath(__file__)), "aao_cifar100.py"))
-  aao = importlib.util.module_from_spec(aao_spec)
-  aao_spec.loader.exec_module(aao)
-  c = aao.get_config()
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "aao_cifar100.py"))
   c.model.name = "convnet"
   c.model.options.widths = (16, 32, 64)
   c.dataset.name = "fashion_mnist"

@@ -5,16 +5,13 @@ needs ``qflax.data.StreamingPipeline`` wired into the loop (open work). The conf
 validates (``qflax.train.validate``) so that the remaining work is the data path.
 """
 
-import importlib.util
 import os
+
+from qflax.train import load_config_file
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      "aao_cifar100", os.path.join(os.path.dirname(os.path.abspath(__file__)), "aao_cifar100.py"))
-  aao = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(aao)
-  c = aao.get_config()
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "aao_cifar100.py"))
   c.model.name = "tsm_resnet50"
   c.model.options.num_frames = 8
   c.dataset.name = "tfds:ucf101"

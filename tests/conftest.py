@@ -7,3 +7,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+from qflax.train import default_config  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+  """A tiny synthetic config that trains in seconds."""
+  c = default_config()
+  c.method.name = "qat"
+  c.model.name = "convnet"
+  c.model.options.widths = (4, 8, 8)
+  c.dataset.name = "synthetic"
+  c.dataset.synthetic.update({"num_train": 48, "num_test": 40, "image_size": 8, "channels": 1, "num_classes": 4})
+  c.bits = (32, 4)
+  c.num_epochs = 2
+  c.batch_size = 16
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.05
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  return c

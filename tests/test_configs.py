@@ -1,6 +1,5 @@
 """Every shipped config validates, and overrides are checked like any field."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
 
 def _load(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return train.load_config_file(str(path))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -4,7 +4,6 @@ This is the slowest test (a few minutes on 2 CPU cores): it runs
 ``configs/quickstart.py`` exactly as ``python launch.py`` does.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -14,17 +13,10 @@ from qflax.data import sources
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quickstart_config():
-  spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_quickstart_on_real_fashion_mnist(tmp_path):
   assert os.path.isdir(sources.SYSTEM_FASHION_MNIST_DIR) or os.environ.get(sources.FASHION_MNIST_ENV), (
       "real Fashion-MNIST is needed: apt-get install -y dataset-fashion-mnist (.ci/run does this)")
-  config = _quickstart_config()
+  config = train.load_config_file(str(ROOT / "configs" / "quickstart.py"))
   config.dataset.download = False
   # conftest fakes 8 CPU devices; on 2 cores XLA's CPU all-reduce rendezvous times
   # out (40 s) for a model this size. A plain `python launch.py` sees one device.

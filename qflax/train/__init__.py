@@ -4,6 +4,7 @@ from qflax.train.checkpoint import CheckpointError
 from qflax.train.checkpoint import Checkpoints
 from qflax.train.config import ConfigError
 from qflax.train.config import default_config
+from qflax.train.config import load_config_file
 from qflax.train.config import validate
 from qflax.train.loop import NonFiniteLossError
 from qflax.train.loop import TrainingInterrupted
@@ -12,5 +13,5 @@ from qflax.train.loop import train_and_evaluate
 
 run = train_and_evaluate
 
-__all__ = ["CheckpointError", "Checkpoints", "ConfigError", "NonFiniteLossError", "TrainingInterrupted", "default_config",
+__all__ = ["CheckpointError", "Checkpoints", "ConfigError", "NonFiniteLossError", "TrainingInterrupted", "default_config", "load_config_file",
            "make_mesh", "run", "train_and_evaluate", "validate"]

@@ -7,7 +7,9 @@ checked by the method's ``validate_config``.
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
+import os
 
 import jax
 import ml_collections
@@ -49,6 +51,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_devices = 0              # 0: every local device
   c.distributed = False          # call jax.distributed.initialize() first (multi-host)
   return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a Python config file (configs build on each other with this)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _fail(field, value, allowed):
