@@ -60,6 +60,14 @@ class Method(abc.ABC):
   def init_state(self, rng: jax.Array, sample_x: jax.Array) -> TrainState:
     ...
 
+  def calibrate(self, state: TrainState, batches: list[jax.Array]) -> TrainState:
+    """Initialises quantizer scalars from calibration batches (``quant.calibrate_batches``).
+
+    The default leaves the state unchanged (methods without learnable quantizer scalars).
+    """
+    del batches
+    return state
+
   @abc.abstractmethod
   def start_phase(self, state: TrainState, phase_index: int) -> TrainState:
     """The state at the start of ``phase_index``: a fresh optimizer state."""

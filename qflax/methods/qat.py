@@ -1,11 +1,11 @@
 """Full-precision training (``fp``) and fixed bit-width quantization-aware training (``qat``).
 
 ``qat`` trains one dedicated model per bit-width in ``config.bits``, side by side:
-the replicas' parameters are stacked on a leading axis and the loss is mapped
-over (parameters, precision plan) by a loop or ``vmap`` (``method.bit_axis``). Replicas start from the same initial weights
-and see the same batches, so they are directly comparable; they share nothing
-else (each replica's gradient comes from its own loss only). ``fp`` is ``qat``
-with ``bits = (32,)`` and no quantizers.
+the replicas' parameters are stacked on a leading axis and the loss is mapped over
+(parameters, precision plan) by a loop or ``vmap`` (``method.bit_axis``). Replicas
+start from the same initial weights and see the same batches, so they are directly
+comparable; they share nothing else (each replica's gradient comes from its own
+loss only). ``fp`` is ``qat`` with ``bits = (32,)`` and no quantizers.
 """
 
 from __future__ import annotations

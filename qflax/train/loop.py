@@ -153,8 +153,8 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays).
     TrainingInterrupted: SIGTERM/SIGINT (a checkpoint was saved first).
   """
-  if config.distributed and jax.process_count() == 1:
-    jax.distributed.initialize()
+  if config.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()   # must come before anything that touches the devices
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -194,7 +194,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     target = method.start_phase(state, phase_of(max(step - 1, 0)))
     state, meta = ckpt.restore(step, jax.device_put(target, replicated))
   else:
-    if config.quant.calibrate_batches and hasattr(method, "calibrate"):
+    if config.quant.calibrate_batches:
       calib = [data_lib.normalize(jnp.asarray(dataset.train.images[i * config.batch_size:(i + 1) * config.batch_size]),
                                   info.mean, info.std) for i in range(config.quant.calibrate_batches)]
       state = method.calibrate(state, calib)
@@ -320,7 +320,6 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
       "epochs": total_steps // steps_per_epoch, "train_seconds": train_seconds,
       "images_per_second": float(meta["images_per_second"]), **method.report(state)}
   write_results(workdir, results)
-  meta.update(train_seconds=train_seconds)
   ckpt.close()
   progress.message("results: " + ", ".join(f"{v['name']} {100 * v['accuracy']:.2f}%" for v in results["variants"])
                    + f" -> {os.path.join(workdir, 'results.md')}")
