@@ -3,10 +3,10 @@
 AAO with |B| = 5 (32, 8, 6, 4, 2; swapping on, so 5 pure + 4 hybrid forwards)
 against |B| times the ``qat`` step at one bit-width, for CIFAR ResNet-20 at batch
 128. The joint step should cost no more than the sum of its parts (ratio <= 1
-means it does not). The bit axis runs as a loop (``vmap`` is refused for AAO, see
-``qflax/methods/aao.py``).
+means it does not). The bit axis runs as an unrolled loop; ``--vmap`` adds the
+same step with the pure and hybrid forwards vmapped over the bit axis.
 
-  python benchmarks/aao_step.py [--rounds 5] [--iters 3] [--model resnet20]
+  python benchmarks/aao_step.py [--rounds 5] [--iters 3] [--model resnet20] [--vmap]
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from qflax.train import default_config
 BITS = (32, 8, 6, 4, 2)
 
 
-def _step(model, method, bits, swap=True):
+def _step(model, method, bits, swap=True, bit_axis="loop"):
   c = default_config()
   c.model.name = model
   c.method.name = method
+  c.method.bit_axis = bit_axis   # explicit: "auto" would pick per backend
   c.bits = bits
   if method == "aao":
     c.method.swap = swap
@@ -51,9 +52,13 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--vmap", action="store_true", help="also time the bit axis as vmap (slow on CPU)")
   args = parser.parse_args()
-  variants = {"aao, 5 bit-widths, swapping": _step(args.model, "aao", BITS), "aao, 5 bit-widths, no swapping":
-              _step(args.model, "aao", BITS, swap=False), "qat, one bit-width (w4a4)": _step(args.model, "qat", (4,))}
+  variants = {"aao, 5 bit-widths, swapping": _step(args.model, "aao", BITS),
+              "aao, 5 bit-widths, no swapping": _step(args.model, "aao", BITS, swap=False),
+              "qat, one bit-width (w4a4)": _step(args.model, "qat", (4,))}
+  if args.vmap:
+    variants["aao, 5 bit-widths, swapping, vmap"] = _step(args.model, "aao", BITS, bit_axis="vmap")
   times = {k: [] for k in variants}
   for _ in range(args.rounds):
     for name, run in variants.items():

@@ -93,14 +93,6 @@ class AAO(Method):
         bad(field, "a number > 0")
     if not float(option(config, "swap_weight")) >= 0:
       bad("swap_weight", "a number >= 0")
-    if config.method.bit_axis != "loop":
-      # Under vmap over plans with shared weights, the gradients of the stem and the
-      # first quantized convolution differ from the unrolled loop by 2-4 % (relative)
-      # at 2 bits (ResNet-8, SAT + PACT), while the forward, all later layers, every
-      # single layer on its own and a size-1 vmap agree to ~1e-6. Until that is
-      # understood, AAO runs its bit axis as a loop only.
-      raise error(f"config field method.bit_axis={config.method.bit_axis!r} is not supported for aao yet; "
-                  "allowed: 'loop'")
     for field in ("swap", "sample_teacher"):
       if not isinstance(option(config, field), bool):
         bad(field, "True or False")
@@ -162,7 +154,7 @@ class AAO(Method):
     mode = self.config.method.bit_axis
     beta, temperature, k = o["beta"], o["temperature"], len(self.bits)
     pure = lambda plan: self._forward(params, state.batch_stats, x, plan)
-    logits, per_bit_stats = common.map_bit_axis(pure, mode, self.plans)   # mode is "loop" (see validate_config)
+    logits, per_bit_stats = common.map_bit_axis(pure, mode, self.plans)
     batch_stats = merge_slot_updates(per_bit_stats, k)
 
     def student_terms(z, z_teacher):

@@ -40,17 +40,27 @@ def plan_at(plans: qnn.PrecisionPlan, index) -> qnn.PrecisionPlan:
   return jax.tree_util.tree_map(lambda a: a[index], plans)
 
 
-BIT_AXIS_MODES = ("loop", "vmap")
+BIT_AXIS_MODES = ("auto", "loop", "vmap")
+
+
+def resolve_bit_axis(mode: str) -> str:
+  """``auto`` is the faster mode measured per backend (BENCHMARKS.md): ``loop`` on
+  CPU, where XLA runs convolutions with batched kernels as slow grouped
+  convolutions, and ``vmap`` on GPU/TPU."""
+  if mode == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return mode
 
 
 def map_bit_axis(fn, mode: str, *stacked):
   """``fn`` over the leading (bit-width) axis of ``stacked``, results stacked.
 
-  ``mode="loop"`` unrolls a Python loop (one program per bit-width; fastest on
-  CPU, where XLA runs vmapped convolutions with batched kernels as slow grouped
-  convolutions); ``mode="vmap"`` vectorises. Both compute the same values.
+  ``mode="loop"`` unrolls a Python loop (one program per bit-width);
+  ``mode="vmap"`` vectorises; ``mode="auto"`` picks per backend
+  (:func:`resolve_bit_axis`). Both compute the same values up to float summation
+  order (and max-pool tie-breaking, where pooled values tie exactly).
   """
-  if mode == "vmap":
+  if resolve_bit_axis(mode) == "vmap":
     return jax.vmap(fn)(*stacked)
   size = jax.tree_util.tree_leaves(stacked)[0].shape[0]
   outs = [fn(*jax.tree_util.tree_map(lambda a: a[k], stacked)) for k in range(size)]

@@ -26,8 +26,9 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """The shared fields with their defaults; config files start from this."""
   c = ml_collections.ConfigDict()
-  # bit_axis: how per-bit-width computations run in one step: "loop" (unrolled) or "vmap".
-  c.method = ml_collections.ConfigDict({"name": "qat", "bit_axis": "loop"})
+  # bit_axis: how per-bit-width computations run in one step: "loop" (unrolled), "vmap",
+  # or "auto" (loop on CPU, vmap on GPU/TPU: the faster of the two in BENCHMARKS.md).
+  c.method = ml_collections.ConfigDict({"name": "qat", "bit_axis": "auto"})
   c.model = ml_collections.ConfigDict({"name": "resnet20", "options": ml_collections.ConfigDict()})
   c.dataset = ml_collections.ConfigDict({
       "name": "cifar100", "data_dir": "", "idx_dir": "", "train_limit": 0, "eval_limit": 0, "download": True,
