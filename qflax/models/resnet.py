@@ -33,12 +33,16 @@ def temporal_shift(x, num_frames: int, fold_div: int = 8):
   return jnp.concatenate([forward, backward, v[..., 2 * fold:]], axis=-1).reshape(x.shape)
 
 
-class BasicBlock(nn.Module):
-  """Post-activation basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
+class ResidualBlock(nn.Module):
+  """Fields shared by the residual blocks; ``num_frames > 0`` adds the temporal shift."""
   features: int
   strides: int
   spec: QuantSpec
   num_frames: int = 0
+
+
+class BasicBlock(ResidualBlock):
+  """Post-activation basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
 
   @nn.compact
   def __call__(self, x, p: qnn.BlockPrecision, train: bool):
@@ -55,12 +59,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(ResidualBlock):
   """Pre-activation block: ``conv(relu(bn(conv(relu(bn(x)))))) + shortcut``."""
-  features: int
-  strides: int
-  spec: QuantSpec
-  num_frames: int = 0
 
   @nn.compact
   def __call__(self, x, p: qnn.BlockPrecision, train: bool):
@@ -77,12 +77,8 @@ class PreActBlock(nn.Module):
     return y + shortcut
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
   """ImageNet bottleneck (expansion 4, stride on the 3x3 conv, as in torchvision)."""
-  features: int
-  strides: int
-  spec: QuantSpec
-  num_frames: int = 0
 
   @nn.compact
   def __call__(self, x, p: qnn.BlockPrecision, train: bool):
