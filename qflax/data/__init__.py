@@ -24,6 +24,8 @@ from qflax.data.sources import Dataset
 from qflax.data.sources import DatasetInfo
 from qflax.data.sources import Split
 from qflax.data.sources import dataset_names
+from qflax.data.sources import is_streamed
+from qflax.data.sources import open_stream
 from qflax.data.sources import load_dataset
 from qflax.data.streaming import StreamingPipeline
 from qflax.data.streaming import random_resized_crop

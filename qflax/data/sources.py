@@ -44,7 +44,13 @@ KNOWN = {
     "cifar100": DatasetInfo(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), Augmentation(4, True)),
     "svhn_cropped": DatasetInfo(10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), Augmentation(4, True)),
 }
-STREAMED = ("imagenet2012", "imagenette", "ucf101")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Large datasets read through StreamingPipeline: (info, record key of the image or clip).
+STREAMED = {
+    "imagenet2012": (DatasetInfo(1000, IMAGENET_MEAN, IMAGENET_STD, Augmentation()), "image"),
+    "imagenette": (DatasetInfo(10, IMAGENET_MEAN, IMAGENET_STD, Augmentation()), "image"),
+    "ucf101": (DatasetInfo(101, IMAGENET_MEAN, IMAGENET_STD, Augmentation()), "video"),
+}
 
 
 class Split(NamedTuple):
@@ -122,6 +128,63 @@ def _fashion_mnist(data_dir, idx_dir, download):
       f"     or install them at {SYSTEM_FASHION_MNIST_DIR} (Debian: apt-get install dataset-fashion-mnist);\n"
       "  3. a TFDS download (needs internet and tensorflow: pip install 'qflax[tf]').\n"
       "Tried: " + "; ".join(tried))
+
+
+class Records:
+  """A random-access view of in-memory arrays as ``{key: image, "label": int}`` records."""
+
+  def __init__(self, split: Split, key: str = "image"):
+    self.split, self.key = split, key
+
+  def __len__(self):
+    return len(self.split.labels)
+
+  def __getitem__(self, index):
+    return {self.key: self.split.images[index], "label": int(self.split.labels[index])}
+
+
+class StreamSource(NamedTuple):
+  """What the streaming path needs: random-access train/test records and constants."""
+  name: str
+  source: str
+  train: object
+  test: object
+  info: DatasetInfo
+  image_key: str
+
+
+def is_streamed(name: str) -> bool:
+  return (name[5:] if name.startswith("tfds:") else name) in STREAMED
+
+
+def open_stream(name: str, *, data_dir: str | None = None, synthetic: dict | None = None,
+                download: bool = True) -> StreamSource:
+  """Random-access sources for :class:`StreamingPipeline`.
+
+  ``imagenet2012``, ``imagenette`` and ``ucf101`` (or ``tfds:`` + one of them) come from
+  ``tfds.data_source`` (prepared data in ``data_dir``); ``synthetic`` streams the
+  synthetic generator (for tests and dry runs).
+  """
+  if name == "synthetic":
+    ds = load_dataset("synthetic", synthetic=synthetic)
+    key = "video" if ds.train.images.ndim == 5 else "image"
+    info = DatasetInfo(ds.info.num_classes, ds.info.mean, ds.info.std, Augmentation())
+    return StreamSource(name, "synthetic", Records(ds.train, key), Records(ds.test, key), info, key)
+  tfds_name = name[5:] if name.startswith("tfds:") else name
+  if tfds_name not in STREAMED:
+    raise ValueError(f"dataset {name!r} has no streaming source; allowed: {tuple(STREAMED)} and synthetic")
+  info, key = STREAMED[tfds_name]
+  try:
+    import tensorflow_datasets as tfds
+    train = tfds.data_source(tfds_name, split="train", data_dir=data_dir, download=download)
+    test_split = "validation" if tfds_name.startswith("imagenet") else "test"
+    test = tfds.data_source(tfds_name, split=test_split, data_dir=data_dir, download=download)
+  except Exception as e:  # noqa: BLE001
+    raise DataUnavailableError(
+        f"TFDS dataset {tfds_name!r} is not prepared in data_dir={data_dir!r} and could not be downloaded "
+        f"({type(e).__name__}). Prepare it with TFDS (needs tensorflow: pip install 'qflax[tf]') "
+        "or point dataset.data_dir at a prepared copy.") from e
+  return StreamSource(tfds_name, f"tfds:{tfds_name}", train, test, info, key)
 
 
 def _limit(split: Split, limit: int) -> Split:

@@ -82,8 +82,10 @@ class StreamingPipeline:
 
   def __init__(self, source: Sequence, batch_size: int, *, train: bool, sharding=None, image_size: int = 224,
                resize_size: int = 256, seed: int = 0, process_index: int | None = None,
-               process_count: int | None = None, num_workers: int = 8, prefetch: int = 2):
+               process_count: int | None = None, num_workers: int = 8, prefetch: int = 2,
+               image_key: str = "image", num_frames: int = 0):
     self.source, self.train, self.sharding = source, train, sharding
+    self.image_key, self.num_frames = image_key, num_frames
     self.image_size, self.resize_size, self.seed = image_size, resize_size, seed
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
@@ -102,13 +104,25 @@ class StreamingPipeline:
     n = len(self.source) // self.process_count
     return n // self.local_batch if self.train else -(-n // self.local_batch)
 
+  def _clip(self, rng, frames):
+    """``num_frames`` consecutive frames: a random start for training, the centre for
+    evaluation; short videos repeat their last frame."""
+    total = frames.shape[0]
+    if total < self.num_frames:
+      frames = np.concatenate([frames, np.repeat(frames[-1:], self.num_frames - total, axis=0)])
+      total = self.num_frames
+    start = rng.integers(0, total - self.num_frames + 1) if self.train else (total - self.num_frames) // 2
+    return frames[start:start + self.num_frames]
+
   def _example(self, epoch: int, index: int):
     record = self.source[int(index)]
-    frames = np.asarray(record["image"], np.uint8)
+    frames = np.asarray(record[self.image_key], np.uint8)
     if frames.ndim == 2:
       frames = frames[..., None]
+    rng = np.random.default_rng((self.seed, epoch, int(index)))
+    if self.num_frames:
+      frames = self._clip(rng, frames)
     if self.train:
-      rng = np.random.default_rng((self.seed, epoch, int(index)))
       frames = random_resized_crop(rng, frames, self.image_size)
       if rng.random() < 0.5:
         frames = frames[..., ::-1, :]
@@ -116,9 +130,9 @@ class StreamingPipeline:
       frames = resize_center_crop(frames, self.resize_size, self.image_size)
     return np.ascontiguousarray(frames), int(record["label"])
 
-  def _host_batches(self, epoch: int, pool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  def _host_batches(self, epoch: int, pool, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     indices = self.local_indices(epoch)
-    for step in range(self.steps_per_epoch()):
+    for step in range(start_step, self.steps_per_epoch()):
       chunk = indices[step * self.local_batch:(step + 1) * self.local_batch]
       examples = list(pool.map(lambda i: self._example(epoch, i), chunk))
       images = np.stack([e[0] for e in examples])
@@ -136,22 +150,32 @@ class StreamingPipeline:
       return tuple(jax.numpy.asarray(a) for a in arrays)
     return tuple(jax.make_array_from_process_local_data(self.sharding, a) for a in arrays)
 
-  def epoch(self, epoch: int) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
-    """Yields ``(images uint8, labels, mask)`` global batches, ``prefetch`` ahead."""
+  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Yields ``(images uint8, labels, mask)`` global batches from ``start_step`` on
+    (a resumed run skips the batches it has seen without reading them), ``prefetch``
+    ahead."""
     buffer: queue.Queue = queue.Queue(maxsize=self.prefetch)
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+      while not stop.is_set():   # a consumer that stops early must not leave this thread blocked
+        try:
+          buffer.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
     def produce():
       try:
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-          for arrays in self._host_batches(epoch, pool):
-            if stop.is_set():
+          for arrays in self._host_batches(epoch, pool, start_step):
+            if not put(self._to_global(arrays)):
               return
-            buffer.put(self._to_global(arrays))
-        buffer.put(done)
+        put(done)
       except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-        buffer.put(e)
+        put(e)
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()

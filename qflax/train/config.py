@@ -32,6 +32,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({"name": "resnet20", "options": ml_collections.ConfigDict()})
   c.dataset = ml_collections.ConfigDict({
       "name": "cifar100", "data_dir": "", "idx_dir": "", "train_limit": 0, "eval_limit": 0, "download": True,
+      # Streaming (large datasets, or stream=True): host transforms to image_size
+      # (evaluation: resize the shorter side to resize_size, centre crop); clips of
+      # num_frames consecutive frames for video.
+      "stream": False, "image_size": 224, "resize_size": 256, "num_frames": 0, "num_workers": 8,
       "synthetic": ml_collections.ConfigDict({"num_train": 2048, "num_test": 512, "image_size": 32,
                                               "channels": 3, "num_classes": 10, "num_frames": 0})})
   c.bits = (4,)
@@ -122,8 +126,15 @@ def validate(config) -> None:
   batch = _int(config, "batch_size", 1)
   _int(config, "eval_batch_size", 0, "0 (same as batch_size) or a positive integer")
   _int(config, "seed", 0)
-  for field in ("dataset.train_limit", "dataset.eval_limit"):
-    _int(config, field, 0, "0 (all) or a positive integer")
+  for field in ("dataset.train_limit", "dataset.eval_limit", "dataset.num_frames"):
+    _int(config, field, 0, "0 (all / images) or a positive integer")
+  for field in ("dataset.image_size", "dataset.resize_size", "dataset.num_workers"):
+    _int(config, field, 1)
+  model_frames = dict(config.model.options).get("num_frames", 0)
+  if model_frames and config.dataset.num_frames and model_frames != config.dataset.num_frames:
+    _fail("dataset.num_frames", config.dataset.num_frames, f"the model's num_frames ({model_frames})")
+  if not isinstance(_get(config, "dataset.stream"), bool):
+    _fail("dataset.stream", config.dataset.stream, "True or False")
   available = jax.device_count()
   devices = _int(config, "num_devices", 0, f"0 (all) or 1..{available}")
   if devices > available:

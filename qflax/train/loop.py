@@ -11,6 +11,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def _load_data(config):
 
 
 class _Batches:
-  """Training and evaluation batches (uint8, sharded over 'data').
+  """Training and evaluation batches (uint8, sharded over 'data') of an in-memory dataset.
 
   One process: the splits live on the devices and batches are gathered there.
   Several processes: each gathers its share on the host and the global batch is
@@ -103,6 +104,7 @@ class _Batches:
     self.dataset = dataset
     self.num_train = len(dataset.train.labels)
     self.num_test = len(dataset.test.labels)
+    self.local_batch = batch_size // jax.process_count()
     if not self.local:
       replicated = NamedSharding(mesh, P())
       self.train = data_lib.to_device(dataset.train, replicated)
@@ -111,21 +113,20 @@ class _Batches:
                              out_shardings=self.sharding)
 
   def steps_per_epoch(self) -> int:
-    local_batch = self.batch_size // jax.process_count()
-    return self.num_train // local_batch
+    return self.num_train // self.local_batch
 
-  def train_batch(self, epoch: int, step_in_epoch: int, permutation):
-    local_batch = self.batch_size // jax.process_count()
+  def train_epoch(self, epoch: int, start_step: int):
+    """Batches ``start_step..`` of ``epoch``; the order is a function of (seed, epoch)."""
     if not self.local:
-      idx = jax.lax.dynamic_slice_in_dim(permutation, step_in_epoch * local_batch, local_batch)
-      return self._gather(self.train, idx)
-    idx = np.asarray(permutation)[step_in_epoch * local_batch:(step_in_epoch + 1) * local_batch]
-    return self._global(self.dataset.train.images[idx], self.dataset.train.labels[idx])
-
-  def permutation(self, epoch: int):
-    if not self.local:
-      return data_lib.epoch_permutation(self.seed, epoch, self.num_train)
-    return np.random.default_rng((self.seed, epoch, jax.process_index())).permutation(self.num_train)
+      permutation = data_lib.epoch_permutation(self.seed, epoch, self.num_train)
+      for step in range(start_step, self.steps_per_epoch()):
+        yield self._gather(self.train, jax.lax.dynamic_slice_in_dim(permutation, step * self.local_batch,
+                                                                    self.local_batch))
+      return
+    permutation = np.random.default_rng((self.seed, epoch, jax.process_index())).permutation(self.num_train)
+    for step in range(start_step, self.steps_per_epoch()):
+      idx = permutation[step * self.local_batch:(step + 1) * self.local_batch]
+      yield self._global(self.dataset.train.images[idx], self.dataset.train.labels[idx])
 
   def eval_batches(self):
     local_batch = self.eval_batch_size // jax.process_count()
@@ -141,6 +142,30 @@ class _Batches:
 
   def _global(self, *arrays):
     return tuple(jax.make_array_from_process_local_data(self.sharding, a) for a in arrays)
+
+
+class _StreamedBatches:
+  """Batches of a large dataset from :class:`qflax.data.StreamingPipeline` (host
+  transforms and prefetch; the epoch order is a function of (seed, epoch))."""
+
+  def __init__(self, stream, mesh, config, eval_batch_size):
+    ds = config.dataset
+    sharding = NamedSharding(mesh, P("data"))
+    common = dict(sharding=sharding, image_size=ds.image_size, resize_size=ds.resize_size, seed=config.seed,
+                  num_workers=ds.num_workers, image_key=stream.image_key, num_frames=ds.num_frames)
+    self.train = data_lib.StreamingPipeline(stream.train, config.batch_size, train=True, **common)
+    self.test = data_lib.StreamingPipeline(stream.test, eval_batch_size, train=False, **common)
+    self.num_train = len(stream.train)
+
+  def steps_per_epoch(self) -> int:
+    return self.train.steps_per_epoch()
+
+  def train_epoch(self, epoch: int, start_step: int):
+    for images, labels, _ in self.train.epoch(epoch, start_step):
+      yield images, labels
+
+  def eval_batches(self):
+    yield from self.test.epoch(0)
 
 
 def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None] | None = None) -> dict:
@@ -167,12 +192,20 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     raise CheckpointError(f"{ckpt.directory} holds checkpoints but {config_path} is missing; "
                           "choose another --workdir")
 
-  dataset = _load_data(config)
   num_devices = config_lib.num_devices(config)
   mesh = make_mesh(num_devices)
   replicated = NamedSharding(mesh, P())
   eval_batch_size = config.eval_batch_size or config.batch_size
-  batches = _Batches(dataset, mesh, config.seed, config.batch_size, eval_batch_size)
+  if config.dataset.stream or data_lib.is_streamed(config.dataset.name):
+    dataset = data_lib.open_stream(config.dataset.name, data_dir=config.dataset.data_dir or None,
+                                   synthetic=dict(config.dataset.synthetic), download=config.dataset.download)
+    batches = _StreamedBatches(dataset, mesh, config, eval_batch_size)
+    first = next(batches.train_epoch(0, 0))[0]
+    sample_images = np.asarray(first)[:1]
+  else:
+    dataset = _load_data(config)
+    batches = _Batches(dataset, mesh, config.seed, config.batch_size, eval_batch_size)
+    sample_images = dataset.train.images[:1]
   steps_per_epoch = batches.steps_per_epoch()
   if steps_per_epoch < 1:
     raise config_lib.ConfigError(
@@ -184,7 +217,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
   total_steps = int(phase_starts[-1])
   phase_of = lambda step: int(np.searchsorted(phase_starts, step, side="right") - 1)
   info = dataset.info
-  sample_x = data_lib.normalize(jnp.asarray(dataset.train.images[:1]), info.mean, info.std)
+  sample_x = data_lib.normalize(jnp.asarray(sample_images), info.mean, info.std)
 
   root_key = jax.random.key(config.seed)
   state = method.init_state(jax.random.fold_in(root_key, _INIT_STREAM), sample_x)
@@ -195,8 +228,8 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     state, meta = ckpt.restore(step, jax.device_put(target, replicated))
   else:
     if config.quant.calibrate_batches:
-      calib = [data_lib.normalize(jnp.asarray(dataset.train.images[i * config.batch_size:(i + 1) * config.batch_size]),
-                                  info.mean, info.std) for i in range(config.quant.calibrate_batches)]
+      calib = [data_lib.normalize(images, info.mean, info.std)
+               for images, _ in itertools.islice(batches.train_epoch(0, 0), config.quant.calibrate_batches)]
       state = method.calibrate(state, calib)
     with open(config_path, "w") as f:
       json.dump(_config_dict(config), f, indent=2)
@@ -265,10 +298,10 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
         if phase_index not in step_fns:
           step_fns[phase_index] = make_step(phase_index)
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        permutation = batches.permutation(epoch)
         window_start, window_steps = time.perf_counter(), 0
-        while step_in_epoch < steps_per_epoch and phase_of(step) == phase_index:
-          images, labels = batches.train_batch(epoch, step_in_epoch, permutation)
+        for images, labels in batches.train_epoch(epoch, step_in_epoch):
+          if phase_of(step) != phase_index:
+            break
           state, last_metrics = step_fns[phase_index](state, images, labels)
           step, step_in_epoch, window_steps = step + 1, step_in_epoch + 1, window_steps + 1
           if step_hook is not None:

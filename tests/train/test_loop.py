@@ -178,3 +178,43 @@ def test_crc32c_and_progress(capsys):
   progress.update(50, phase="train", epoch=0, epochs=2, loss=1.0, accuracy=0.5, images_per_second=100.0,
                   steps_per_second=10.0)
   assert "step 50/100" in capsys.readouterr().err and "ETA 00:05"
+
+
+def _streamed(config, frames=0):
+  config.dataset.stream = True
+  config.dataset.synthetic.update({"image_size": 12, "num_frames": frames, "channels": 1})
+  config.dataset.image_size = 8
+  config.dataset.resize_size = 10
+  config.dataset.num_frames = frames
+  config.dataset.num_workers = 2
+  return config
+
+
+def test_streamed_dataset_trains_and_resumes_bitwise(tiny_config, tmp_path):
+  _streamed(tiny_config)
+  tiny_config.checkpoint_every_steps = 100
+  full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
+  assert full["dataset"] == "synthetic" and len(full["variants"]) == 2
+
+  def interrupt_at_4(step):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(train.TrainingInterrupted):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), step_hook=interrupt_at_4)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+  a, _ = _final_params(str(tmp_path / "full"))
+  b, _ = _final_params(str(tmp_path / "resumed"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a["params"], b["params"])
+
+
+def test_streamed_video_clips_train_a_tsm_model_with_aao(tiny_config, tmp_path):
+  _streamed(tiny_config, frames=2)
+  tiny_config.dataset.synthetic.update({"num_frames": 4, "channels": 3})   # 4-frame videos, 2-frame clips
+  tiny_config.model.name = "tsm_resnet8"
+  tiny_config.model.options = {"num_frames": 2}
+  tiny_config.method.name = "aao"
+  tiny_config.bits = (8, 2)
+  tiny_config.num_epochs = 1
+  results = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert [v["name"] for v in results["variants"]] == ["w8a8", "w2a2"]
