@@ -18,7 +18,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from qflax import methods
 from qflax.train import default_config, load_config_file

@@ -114,7 +114,8 @@ class StreamingPipeline:
     start = rng.integers(0, total - self.num_frames + 1) if self.train else (total - self.num_frames) // 2
     return frames[start:start + self.num_frames]
 
-  def _example(self, epoch: int, index: int):
+  def example(self, index: int, epoch: int = 0):
+    """Record ``index`` transformed as in ``epoch``: ``(frames uint8, label)``."""
     record = self.source[int(index)]
     frames = np.asarray(record[self.image_key], np.uint8)
     if frames.ndim == 2:
@@ -134,7 +135,7 @@ class StreamingPipeline:
     indices = self.local_indices(epoch)
     for step in range(start_step, self.steps_per_epoch()):
       chunk = indices[step * self.local_batch:(step + 1) * self.local_batch]
-      examples = list(pool.map(lambda i: self._example(epoch, i), chunk))
+      examples = list(pool.map(lambda i: self.example(i, epoch), chunk))
       images = np.stack([e[0] for e in examples])
       labels = np.asarray([e[1] for e in examples], np.int32)
       mask = np.ones(len(chunk), bool)

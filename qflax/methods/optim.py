@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import flax
-import jax
 import optax
 from flax import traverse_util
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import flax
 import flax.linen as nn

@@ -109,8 +109,12 @@ class _Batches:
       replicated = NamedSharding(mesh, P())
       self.train = data_lib.to_device(dataset.train, replicated)
       self.test = data_lib.to_device(dataset.test, replicated)
-      self._gather = jax.jit(lambda split, idx: (split.images[idx], split.labels[idx]),
-                             out_shardings=self.sharding)
+      take = lambda split, idx: (split.images[idx], split.labels[idx])
+      self._gather = jax.jit(take, out_shardings=self.sharding)
+      # One dispatch per training step: the epoch-order slice happens inside the jit.
+      self._gather_slice = jax.jit(
+          lambda split, order, start: take(split, jax.lax.dynamic_slice_in_dim(order, start, self.local_batch)),
+          out_shardings=self.sharding)
 
   def steps_per_epoch(self) -> int:
     return self.num_train // self.local_batch
@@ -120,8 +124,7 @@ class _Batches:
     if not self.local:
       permutation = data_lib.epoch_permutation(self.seed, epoch, self.num_train)
       for step in range(start_step, self.steps_per_epoch()):
-        yield self._gather(self.train, jax.lax.dynamic_slice_in_dim(permutation, step * self.local_batch,
-                                                                    self.local_batch))
+        yield self._gather_slice(self.train, permutation, step * self.local_batch)
       return
     permutation = np.random.default_rng((self.seed, epoch, jax.process_index())).permutation(self.num_train)
     for step in range(start_step, self.steps_per_epoch()):
@@ -200,8 +203,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     dataset = data_lib.open_stream(config.dataset.name, data_dir=config.dataset.data_dir or None,
                                    synthetic=dict(config.dataset.synthetic), download=config.dataset.download)
     batches = _StreamedBatches(dataset, mesh, config, eval_batch_size)
-    first = next(batches.train_epoch(0, 0))[0]
-    sample_images = np.asarray(first)[:1]
+    sample_images = batches.test.example(0)[0][None]
   else:
     dataset = _load_data(config)
     batches = _Batches(dataset, mesh, config.seed, config.batch_size, eval_batch_size)

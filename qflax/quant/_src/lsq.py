@@ -6,7 +6,6 @@ Esser et al., "Learned Step Size Quantization", ICLR 2020.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
