@@ -1,7 +1,12 @@
 """Knowledge-distillation building blocks: losses, teacher selection, block swapping."""
 
+from qflax.distill.losses import attention_map
+from qflax.distill.losses import attention_transfer_loss
+from qflax.distill.losses import hint_loss
 from qflax.distill.losses import kd_kl
+from qflax.distill.losses import min_logit_ensemble
 from qflax.distill.losses import pairwise_kl
+from qflax.distill.losses import stage_outputs
 from qflax.distill.swapping import MASK_MODES
 from qflax.distill.swapping import SCHEDULES as SWAP_SCHEDULES
 from qflax.distill.swapping import swap_mask

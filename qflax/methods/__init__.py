@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from qflax.methods.aao import AAO
 from qflax.methods.base import Method, Phase, TrainState, Variant
+from qflax.methods.cmtkd import CMTKD
+from qflax.methods.progressive import Progressive
 from qflax.methods.qat import QAT, FullPrecision
+from qflax.methods.qkd import QKD
 
-_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT, AAO)}
+_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT, AAO, QKD, CMTKD, Progressive)}
 
 
 def method_names() -> tuple[str, ...]:
@@ -19,4 +22,4 @@ def get_method(name: str) -> type[Method]:
   return _REGISTRY[name]
 
 
-__all__ = ["AAO", "FullPrecision", "Method", "Phase", "QAT", "TrainState", "Variant", "get_method", "method_names"]
+__all__ = ["AAO", "CMTKD", "FullPrecision", "Method", "Phase", "Progressive", "QAT", "QKD", "TrainState", "Variant", "get_method", "method_names"]

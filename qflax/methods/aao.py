@@ -76,9 +76,7 @@ class AAO(Method):
     if len(config.bits) < 2:
       raise error(f"config field bits={tuple(config.bits)!r} is invalid for method aao; allowed: two or more "
                   "bit-widths (the teachers and students trained jointly)")
-    unknown = set(config.method.keys()) - set(DEFAULTS) - {"name", "bit_axis"}
-    if unknown:
-      raise error(f"config fields method.{sorted(unknown)} are unknown for aao; allowed: {sorted(DEFAULTS)}")
+    common.method_options(config, DEFAULTS, cls.name, error)
     if option(config, "teacher") not in distill.TEACHER_STRATEGIES:
       bad("teacher", distill.TEACHER_STRATEGIES)
     if option(config, "swap_mask") not in distill.MASK_MODES:

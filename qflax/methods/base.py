@@ -68,6 +68,16 @@ class Method(abc.ABC):
     del batches
     return state
 
+  def pretrained_checkpoints(self) -> dict[str, str]:
+    """Workdirs of finished runs whose final state this method starts from, by role
+    (e.g. ``{"teacher": "runs/fp_resnet56"}``). The loop restores each (latest
+    checkpoint, as plain arrays) and passes it to :meth:`load_pretrained`."""
+    return {}
+
+  def load_pretrained(self, state: TrainState, role: str, arrays: dict) -> TrainState:
+    """Puts a restored run's arrays (``{"params", "batch_stats", ...}``) into ``state``."""
+    raise NotImplementedError(f"{self.name} loads no pretrained {role}")
+
   @abc.abstractmethod
   def start_phase(self, state: TrainState, phase_index: int) -> TrainState:
     """The state at the start of ``phase_index``: a fresh optimizer state."""

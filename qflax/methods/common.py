@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from qflax import models
 from qflax import nn as qnn
@@ -85,3 +90,98 @@ def export_model_bytes(model, variables, x, plan: qnn.PrecisionPlan) -> int:
   total = qnn.exported_bytes(exported)
   # BatchNorm (one slot) and biases travel as float32 beside the exported kernels.
   return total + 4 * models.count_params(variables["params"]) - 4 * qnn.exported_kernel_params(exported)
+
+
+def check_pretrained_run(workdir: str, model_name: str, model_options, field: str, error: type[Exception]) -> None:
+  """Checks, before any compute, that ``workdir`` holds an ``fp`` run of
+  ``model_name`` with ``model_options`` and at least one checkpoint; raises
+  ``error`` naming ``field``."""
+  def fail(why):
+    raise error(f"config field {field}={workdir!r} is invalid: {why}; allowed: the --workdir of an fp run "
+                f"of model {model_name!r} (python launch.py --config configs/... --config.method.name=fp)")
+  config_path = os.path.join(workdir, "config.json")
+  latest = os.path.join(workdir, "checkpoints", "latest")
+  if not os.path.isfile(config_path):
+    fail(f"{config_path} does not exist")
+  with open(config_path) as f:
+    saved = json.load(f)
+  if saved.get("method", {}).get("name") != "fp":
+    fail(f"it holds a {saved.get('method', {}).get('name')!r} run, not fp")
+  if saved.get("model", {}).get("name") != model_name:
+    fail(f"it holds model {saved.get('model', {}).get('name')!r}")
+  wanted = json.loads(json.dumps(dict(model_options)))
+  if saved["model"].get("options", {}) != wanted:
+    fail(f"its model options {saved['model'].get('options')} differ from {wanted}")
+  if not os.path.isdir(latest) or not any(d.isdigit() for d in os.listdir(latest)):
+    fail(f"{latest} holds no checkpoint")
+
+
+def fp_run_variables(arrays: dict) -> dict:
+  """The variables of the single replica of a restored ``fp`` run (its leading axis dropped)."""
+  first = lambda a: np.asarray(a)[0]
+  return {"params": jax.tree_util.tree_map(first, arrays["params"]),
+          "batch_stats": jax.tree_util.tree_map(first, arrays.get("batch_stats") or {})}
+
+
+def merge_pretrained(target, source, what: str = "pretrained run"):
+  """``target`` with every weight, bias and BatchNorm entry taken from ``source``.
+
+  Quantizer scalars (``input_*``, ``kernel_*``) stay as they are in ``target``
+  (re-estimate them with ``quant.calibrate_batches``). A single BatchNorm slot in
+  ``source`` fills every slot of ``target``. A missing or mis-shaped entry raises.
+  """
+  flat_source = traverse_util.flatten_dict(flax.core.unfreeze(source))
+  merged = {}
+  for path, value in traverse_util.flatten_dict(flax.core.unfreeze(target)).items():
+    if path[-1].startswith(("input_", "kernel_")):
+      merged[path] = value
+      continue
+    if path not in flat_source:
+      raise ValueError(f"the {what} has no {'/'.join(path)}; it was trained with another model")
+    src = np.asarray(flat_source[path])
+    if src.shape != value.shape:
+      if src.ndim == value.ndim and src.shape[0] == 1 and src.shape[1:] == value.shape[1:]:
+        src = np.broadcast_to(src, value.shape)
+      else:
+        raise ValueError(f"the {what} has {'/'.join(path)} of shape {src.shape}; this model needs {value.shape}")
+    merged[path] = jnp.asarray(src, value.dtype)
+  return traverse_util.unflatten_dict(merged)
+
+
+def method_options(config, defaults: dict, method: str, error: type[Exception]) -> dict:
+  """``config.method.*`` over ``defaults``; an unknown field raises ``error`` naming it."""
+  unknown = set(config.method.keys()) - set(defaults) - {"name", "bit_axis"}
+  if unknown:
+    raise error(f"config fields method.{sorted(unknown)} are unknown for {method}; allowed: {sorted(defaults)}")
+  return {k: config.method.get(k, v) for k, v in defaults.items()}
+
+
+def calibrate_replicas(model, plans: qnn.PrecisionPlan, params, batch_stats, batches):
+  """Quantizer scalars of stacked replicas (replica ``k`` at plan ``k``) from calibration batches."""
+  calibrated = []
+  for k in range(plans.w_bits.shape[0]):
+    variables = {"params": jax.tree_util.tree_map(lambda a: a[k], params),
+                 "batch_stats": jax.tree_util.tree_map(lambda a: a[k], batch_stats)}
+    apply = lambda v, x, plan, **kw: model.apply(v, x, plan, train=False, **kw)
+    calibrated.append(qnn.calibrate(apply, variables, batches, [plan_at(plans, k)])["params"])
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *calibrated)
+
+
+def replica(tree, index):
+  """Replica ``index`` (traced or static) of a tree stacked on its leading axis."""
+  return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+
+def stack_replicas(tree, count: int):
+  """``count`` identical replicas of ``tree`` on a new leading axis."""
+  return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (count,) + jnp.shape(a)), tree)
+
+
+def update_groups(txs: dict, grads: dict, opt_state: dict, params: dict) -> tuple[dict, dict]:
+  """Applies each group's optimizer (``txs[name]``) to the groups in ``grads``;
+  the other groups of ``params`` and ``opt_state`` are returned unchanged."""
+  params, opt_state = dict(params), dict(opt_state)
+  for name, grad in grads.items():
+    updates, opt_state[name] = txs[name].update(grad, opt_state[name], params[name])
+    params[name] = jax.tree_util.tree_map(lambda p, u: p + u, params[name], updates)
+  return params, opt_state

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qflax import nn as qnn
 from qflax.methods import common
 from qflax.methods.base import Method, Phase, TrainState, Variant
 from qflax.methods.optim import make_optimizer
@@ -39,9 +38,8 @@ class QAT(Method):
 
   def init_state(self, rng, sample_x):
     variables = self.model.init(rng, sample_x, common.plan_at(self.plans, 0))
-    stack = lambda a: jnp.broadcast_to(a, (len(self.bits),) + a.shape)
-    params = jax.tree_util.tree_map(stack, variables["params"])
-    batch_stats = jax.tree_util.tree_map(stack, variables.get("batch_stats", {}))
+    params = common.stack_replicas(variables["params"], len(self.bits))
+    batch_stats = common.stack_replicas(variables.get("batch_stats", {}), len(self.bits))
     return TrainState(jnp.int32(0), params, batch_stats, self._optimizer(0).init(params), {})
 
   def start_phase(self, state, phase_index):
@@ -49,13 +47,8 @@ class QAT(Method):
 
   def calibrate(self, state, batches):
     """Sets each replica's quantizer scalars from calibration batches (``quant.calibrate_batches``)."""
-    params = []
-    for k in range(len(self.bits)):
-      variables = {"params": jax.tree_util.tree_map(lambda a: a[k], state.params),
-                   "batch_stats": jax.tree_util.tree_map(lambda a: a[k], state.batch_stats)}
-      apply = lambda v, x, plan, **kw: self.model.apply(v, x, plan, train=False, **kw)
-      params.append(qnn.calibrate(apply, variables, batches, [common.plan_at(self.plans, k)])["params"])
-    return state.replace(params=jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params))
+    return state.replace(params=common.calibrate_replicas(self.model, self.plans, state.params, state.batch_stats,
+                                                          batches))
 
   def train_step(self, state, x, y, rng, phase_index):
     del rng
@@ -85,9 +78,7 @@ class QAT(Method):
     return [Variant(common.variant_name(b, b), b, b) for b in self.bits]
 
   def _variables(self, state, index):
-    take = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
-    return {"params": jax.tree_util.tree_map(take, state.params),
-            "batch_stats": jax.tree_util.tree_map(take, state.batch_stats)}
+    return {"params": common.replica(state.params, index), "batch_stats": common.replica(state.batch_stats, index)}
 
   def eval_logits(self, state, x, variant_index):
     return self.model.apply(self._variables(state, variant_index), x, common.plan_at(self.plans, variant_index),

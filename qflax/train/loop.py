@@ -222,13 +222,18 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
   sample_x = data_lib.normalize(jnp.asarray(sample_images), info.mean, info.std)
 
   root_key = jax.random.key(config.seed)
-  state = method.init_state(jax.random.fold_in(root_key, _INIT_STREAM), sample_x)
-  meta = {"best_accuracy": -1.0, "train_seconds": 0.0, "images_per_second": 0.0}
+  state = jax.jit(method.init_state)(jax.random.fold_in(root_key, _INIT_STREAM), sample_x)
+  meta = {"best_accuracy": -1.0, "train_seconds": 0.0, "images_per_second": 0.0, "phase_accuracy": {}}
   if resuming:
     step = ckpt.latest_step()
     target = method.start_phase(state, phase_of(max(step - 1, 0)))
     state, meta = ckpt.restore(step, jax.device_put(target, replicated))
   else:
+    for role, path in method.pretrained_checkpoints().items():
+      source = Checkpoints(path)
+      arrays, _ = source.restore_arrays()
+      source.close()
+      state = method.load_pretrained(state, role, arrays)
     if config.quant.calibrate_batches:
       calib = [data_lib.normalize(images, info.mean, info.std)
                for images, _ in itertools.islice(batches.train_epoch(0, 0), config.quant.calibrate_batches)]
@@ -331,8 +336,11 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
           if step % config.checkpoint_every_steps == 0 or step == phase_starts[phase_index + 1]:
             save(step, state, last_metrics)
         train_seconds += time.perf_counter() - window_start
-        if step_in_epoch == steps_per_epoch and ((epoch + 1) % config.eval_every_epochs == 0 or step == total_steps):
+        phase_ended = step == phase_starts[phase_index + 1]
+        if step_in_epoch == steps_per_epoch and ((epoch + 1) % config.eval_every_epochs == 0 or phase_ended):
           accuracies = evaluate(state)
+          if phase_ended:
+            meta.setdefault("phase_accuracy", {})[phase.name] = accuracies
           mean_accuracy = float(np.mean(list(accuracies.values())))
           log.write(step, "eval", {f"accuracy/{k}": v for k, v in accuracies.items()}, epoch=epoch,
                     phase=phase.name)
@@ -354,6 +362,8 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
                     "model_bytes": method.model_bytes(state, k, sample_x)} for k, v in enumerate(variants)],
       "epochs": total_steps // steps_per_epoch, "train_seconds": train_seconds,
       "images_per_second": float(meta["images_per_second"]), **method.report(state)}
+  if len(phases) > 1:
+    results["phase_accuracy"] = meta.get("phase_accuracy", {})
   write_results(workdir, results)
   ckpt.close()
   progress.message("results: " + ", ".join(f"{v['name']} {100 * v['accuracy']:.2f}%" for v in results["variants"])

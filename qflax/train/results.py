@@ -23,6 +23,13 @@ def write_results(workdir: str, results: dict) -> None:
   for v in results["variants"]:
     lines.append(f"| {v['name']} | {v['w_bits']} | {v['a_bits']} | {100 * v['accuracy']:.2f} % | "
                  f"{v['model_bytes']:,} |")
+  phase_accuracy = results.get("phase_accuracy")
+  if phase_accuracy:
+    names = [v["name"] for v in results["variants"]]
+    lines += ["", "Accuracy at the end of each phase:", "", "| phase | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for phase, accuracies in phase_accuracy.items():
+      lines.append(f"| {phase} | " + " | ".join(f"{100 * accuracies[n]:.2f} %" for n in names) + " |")
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(workdir, "accuracy_vs_bits.svg"), "w") as f:

@@ -74,6 +74,14 @@ def _uniform_weight_integer(x, bits):
   return uniform.uniform_symmetric_integer(x, bits, uniform.calibrate_symmetric(x, bits, channel_axis=-1))
 
 
+def _uniform_layer_weight(x, bits):
+  return uniform.uniform_symmetric(x, bits, uniform.calibrate_symmetric(x, bits))
+
+
+def _uniform_layer_weight_integer(x, bits):
+  return uniform.uniform_symmetric_integer(x, bits, uniform.calibrate_symmetric(x, bits))
+
+
 def _uniform_activation(x, bits):
   return uniform.uniform_symmetric(x, bits, uniform.calibrate_symmetric(x, bits))
 
@@ -102,6 +110,7 @@ for _q in (
     _lsq("lsq", "weight", True, {"step": 0.01}),
     _qil("qil", "weight", True, qil.qil_init_weight),
     _free("uniform", "weight", _uniform_weight, _uniform_weight_integer),
+    _free("uniform_layer", "weight", _uniform_layer_weight, _uniform_layer_weight_integer),
     _identity("none", "activation"),
     _free("clamp", "activation", dorefa.clamp_activation, dorefa.clamp_activation_integer),
     _PACT,

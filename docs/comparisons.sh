@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST comparisons in docs/results.md, as run (several at a time on one GPU).
+#   bash docs/comparisons.sh qkd|progressive [extra launch.py flags]
+# Workdirs land in runs/cmp/; each prints its results.md at the end.
+set -euo pipefail
+what=${1:?qkd or progressive}; shift || true
+extra=("$@")
+out=runs/cmp
+mkdir -p "$out"
+run() {  # run NAME CONFIG FLAGS...
+  local name=$1 config=$2; shift 2
+  python launch.py --config "configs/$config" --workdir "$out/$name" "$@" "${extra[@]}" > "$out/$name.log" 2>&1 \
+    || { echo "FAILED $name"; tail -5 "$out/$name.log"; }
+}
+case $what in
+  qkd)
+    # The full-precision teacher (wider ConvNet), trained once, then loaded by every KD run.
+    run qkd_teacher quickstart.py --config.method.name=fp --config.bits='(32,)' \
+        --config.model.options.widths='(32,64,128)' --config.num_epochs=10
+    t="--config.method.teacher_checkpoint=$out/qkd_teacher --config.method.teacher_epochs=0 --config.num_epochs=10"
+    run qkd_full qkd_fashion_mnist.py $t --config.method.phase_epochs='(2,4,4)' &
+    run qkd_ss_only qkd_fashion_mnist.py $t --config.method.phase_epochs='(10,0,0)' &
+    run qkd_kd_only qkd_fashion_mnist.py $t --config.method.phase_epochs='(0,0,10)' &
+    wait ;;
+  progressive)
+    for kd in none mutual; do
+      run "pg_direct_$kd" progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=$kd &
+      run "pg_two_stage_$kd" progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=$kd \
+          --config.method.two_stage=True &
+      run "pg_progressive_$kd" progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=$kd \
+          --config.method.progressive_bits='(32,8,4)' &
+      run "pg_ts_pq_$kd" progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=$kd \
+          --config.method.two_stage=True --config.method.progressive_bits='(8,4)' &
+      run "pg_stochastic_$kd" progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=$kd \
+          --config.method.stochastic_precision=True &
+    done
+    run pg_direct_guided progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=guided &
+    wait ;;
+  *) echo "unknown comparison $what"; exit 2 ;;
+esac
+for f in "$out"/*/results.md; do echo "== $f"; cat "$f"; done
