@@ -129,7 +129,7 @@ class CMTKD(Method):
     teachers = jax.vmap(lambda k: self.model.init(k, sample_x, self.student_plan))(
         jax.random.split(k_teachers, len(self.teacher_bits)))
     params = {"student": student["params"], "teachers": teachers["params"],
-              "importance": jnp.zeros((len(self.fusion_points), len(self.teacher_bits)), jnp.float32)}
+              "importance": {"logits": jnp.zeros((len(self.fusion_points), len(self.teacher_bits)), jnp.float32)}}
     batch_stats = {"student": student.get("batch_stats", {}), "teachers": teachers.get("batch_stats", {})}
     return self.start_phase(TrainState(jnp.int32(0), params, batch_stats, None, {}), 0)
 
@@ -154,9 +154,10 @@ class CMTKD(Method):
 
   def importance_weights(self, params):
     """``pi``: ``(fusion points, teachers)``, softmax of the logits (or uniform)."""
+    logits = params["importance"]["logits"]
     if self.opts["importance"] == "equal":
-      return jnp.full(params["importance"].shape, 1.0 / len(self.teacher_bits))
-    return jax.nn.softmax(params["importance"], axis=-1)
+      return jnp.full(logits.shape, 1.0 / len(self.teacher_bits))
+    return jax.nn.softmax(logits, axis=-1)
 
   def forward(self, params, batch_stats, x, *, fuse: bool, train_teachers: bool):
     """Teachers (mapped over their stack) and student, segment by segment.

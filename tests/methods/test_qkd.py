@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from qflax import quant, train
-from qflax.methods import QKD, common
+from qflax.methods import QKD
 
 
 def _qkd_config(c, phase_epochs=(1, 1, 1), teacher_epochs=0, **options):
