@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST comparisons in docs/results.md, as run (several at a time on one GPU).
-#   bash docs/comparisons.sh qkd|progressive [extra launch.py flags]
-# Workdirs land in runs/cmp/; each prints its results.md at the end.
+#   bash docs/comparisons.sh qkd|progressive|cmtkd [extra launch.py flags, e.g. --config.seed=1]
+# Workdirs land in $CMP_OUT (default runs/cmp/); the results.md of each is printed at the end.
 set -euo pipefail
-what=${1:?qkd or progressive}; shift || true
+what=${1:?qkd, progressive or cmtkd}; shift || true
 extra=("$@")
-out=runs/cmp
+out=${CMP_OUT:-runs/cmp}
 mkdir -p "$out"
 run() {  # run NAME CONFIG FLAGS...
   local name=$1 config=$2; shift 2
@@ -35,6 +35,18 @@ case $what in
           --config.method.stochastic_precision=True &
     done
     run pg_direct_guided progressive_fashion_mnist.py --config.num_epochs=12 --config.method.joint_kd=guided &
+    wait ;;
+  cmtkd)
+    run cm_full cmtkd_fashion_mnist.py &
+    run cm_equal_importance cmtkd_fashion_mnist.py --config.method.importance=equal &
+    run cm_frozen_teachers cmtkd_fashion_mnist.py --config.method.mutual_learning=False &
+    run cm_no_feature_loss cmtkd_fashion_mnist.py --config.method.feature_loss=False &
+    # single-teacher KD: one 8-bit teacher, MinLogit mutual learning, no fusion loss
+    run cm_single_teacher cmtkd_fashion_mnist.py --config.method.teacher_bits='(8,)' \
+        --config.method.feature_loss=False &
+    # plain QAT at 2 bits with the same quantizers and epochs
+    run cm_qat quickstart.py --config.bits='(2,)' --config.num_epochs=10 \
+        --config.quant.weight_quantizer=uniform_layer --config.quant.act_quantizer=hwgq &
     wait ;;
   *) echo "unknown comparison $what"; exit 2 ;;
 esac
