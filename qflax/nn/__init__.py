@@ -17,6 +17,7 @@ from qflax.nn._src.layers import CALIBRATION
 from qflax.nn._src.layers import EXPORT
 from qflax.nn._src.layers import FLOPS
 from qflax.nn._src.layers import QuantConv
+from qflax.nn._src.layers import conv_padding
 from qflax.nn._src.layers import QuantDense
 from qflax.nn._src.layers import export_kernel
 from qflax.nn._src.layers import exported_bytes

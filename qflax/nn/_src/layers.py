@@ -107,7 +107,8 @@ def exported_kernel_params(tree) -> int:
   return sum(int(e["float"].size if "float" in e else e["codes"].size) for e in _exported_entries(tree))
 
 
-def _padding(padding, ndim):
+def conv_padding(padding, ndim):
+  """Flax-style ``padding`` (a string, an int or per-dimension pairs) for ``lax.conv_general_dilated``."""
   if isinstance(padding, str):
     return padding
   if isinstance(padding, int):
@@ -161,7 +162,7 @@ class QuantConv(nn.Module):
                                       self.act_quantizer, self.bit_set, self.act_param_init)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     y = jax.lax.conv_general_dilated(
-        x_q, kernel_q.astype(x_q.dtype), strides, _padding(self.padding, 2),
+        x_q, kernel_q.astype(x_q.dtype), strides, conv_padding(self.padding, 2),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
     if self.is_mutable_collection(FLOPS) and not self.is_initializing():
       self.sow(FLOPS, "macs", math.prod(y.shape[1:]) * math.prod(kernel_shape[:-1]))
