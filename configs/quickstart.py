@@ -14,6 +14,7 @@ def get_config():
   c.method.name = "qat"
   c.model.name = "convnet"
   c.model.options.widths = (16, 32, 64)
+  c.model.options.head_type = "flatten"    # or "avg" (global average pool)
   c.dataset.name = "fashion_mnist"
   c.bits = (32, 4)
   c.num_epochs = 3

@@ -8,8 +8,10 @@ from qflax.methods.cmtkd import CMTKD
 from qflax.methods.progressive import Progressive
 from qflax.methods.qat import QAT, FullPrecision
 from qflax.methods.qkd import QKD
+from qflax.methods.tq.method import TransformQuantization
 
-_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT, AAO, QKD, CMTKD, Progressive)}
+_REGISTRY: dict[str, type[Method]] = {m.name: m for m in (FullPrecision, QAT, AAO, QKD, CMTKD, Progressive,
+                                                          TransformQuantization)}
 
 
 def method_names() -> tuple[str, ...]:
@@ -22,4 +24,4 @@ def get_method(name: str) -> type[Method]:
   return _REGISTRY[name]
 
 
-__all__ = ["AAO", "CMTKD", "FullPrecision", "Method", "Phase", "Progressive", "QAT", "QKD", "TrainState", "Variant", "get_method", "method_names"]
+__all__ = ["AAO", "CMTKD", "FullPrecision", "Method", "Phase", "Progressive", "QAT", "QKD", "TrainState", "TransformQuantization", "Variant", "get_method", "method_names"]

@@ -47,10 +47,6 @@ DEFAULTS = {"teacher": "adaptive", "sample_teacher": False, "teacher_temperature
             "swap_schedule": "constant", "swap_mask": "bernoulli"}
 
 
-def option(config, name):
-  return config.method.get(name, DEFAULTS[name])
-
-
 def merge_slot_updates(per_bit_stats, num_bits: int):
   """BatchNorm statistics after one pure forward per bit-width.
 
@@ -71,29 +67,21 @@ class AAO(Method):
 
   @classmethod
   def validate_config(cls, config, error):
-    def bad(field, allowed):
-      raise error(f"config field method.{field}={option(config, field)!r} is invalid; allowed: {allowed}")
     if len(config.bits) < 2:
       raise error(f"config field bits={tuple(config.bits)!r} is invalid for method aao; allowed: two or more "
                   "bit-widths (the teachers and students trained jointly)")
-    common.method_options(config, DEFAULTS, cls.name, error)
-    if option(config, "teacher") not in distill.TEACHER_STRATEGIES:
-      bad("teacher", distill.TEACHER_STRATEGIES)
-    if option(config, "swap_mask") not in distill.MASK_MODES:
-      bad("swap_mask", distill.MASK_MODES)
-    if option(config, "swap_schedule") not in distill.SWAP_SCHEDULES:
-      bad("swap_schedule", distill.SWAP_SCHEDULES)
-    for field, lo, hi in (("beta", 0.0, 1.0), ("swap_probability", 0.0, 1.0), ("stats_momentum", 0.0, 0.999999)):
-      if not lo <= float(option(config, field)) <= hi:
-        bad(field, f"a number in [{lo}, {hi}]")
-    for field in ("temperature", "teacher_temperature"):
-      if not float(option(config, field)) > 0:
-        bad(field, "a number > 0")
-    if not float(option(config, "swap_weight")) >= 0:
-      bad("swap_weight", "a number >= 0")
-    for field in ("swap", "sample_teacher"):
-      if not isinstance(option(config, field), bool):
-        bad(field, "True or False")
+    o = common.MethodOptions(config, DEFAULTS, cls.name, error)
+    o.choice("teacher", distill.TEACHER_STRATEGIES)
+    o.choice("swap_mask", distill.MASK_MODES)
+    o.choice("swap_schedule", distill.SWAP_SCHEDULES)
+    o.number("beta", maximum=1.0)
+    o.number("swap_probability", maximum=1.0)
+    o.number("stats_momentum", maximum=0.999999)
+    o.number("temperature", strict=True)
+    o.number("teacher_temperature", strict=True)
+    o.number("swap_weight")
+    o.boolean("swap")
+    o.boolean("sample_teacher")
 
   def __init__(self, config, num_classes: int, steps_per_epoch: int):
     self.config = config
@@ -102,7 +90,7 @@ class AAO(Method):
     self.plans = common.stacked_plans(self.model, self.bits)
     self.num_blocks = self.plans.w_bits.shape[1]
     self.steps_per_epoch = steps_per_epoch
-    self.opts = {k: option(config, k) for k in DEFAULTS}
+    self.opts = common.MethodOptions(config, DEFAULTS, self.name, ValueError)
 
   def phases(self):
     return [Phase("train", int(self.config.num_epochs))]

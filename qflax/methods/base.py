@@ -99,6 +99,16 @@ class Method(abc.ABC):
   def model_bytes(self, state: TrainState, variant_index: int, sample_x: jax.Array) -> int:
     """Size of the exported integer model of a variant."""
 
+  # A name under which the loop evaluates every variant once before the first step
+  # (e.g. a post-training method's accuracy before fine-tuning); None: no such evaluation.
+  initial_evaluation: ClassVar[str | None] = None
+
+  def export(self, state: TrainState, workdir: str, sample_x: jax.Array) -> dict:
+    """Writes method-specific files into ``workdir`` at the end of a run; returns
+    keys for ``results.json``."""
+    del state, workdir, sample_x
+    return {}
+
   def report(self, state: TrainState) -> dict:
     """Method-specific keys for ``results.json``."""
     return {}

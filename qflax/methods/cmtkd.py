@@ -51,10 +51,7 @@ class CMTKD(Method):
 
   @classmethod
   def validate_config(cls, config, error):
-    o = common.method_options(config, DEFAULTS, cls.name, error)
-
-    def bad(field, allowed):
-      raise error(f"config field method.{field}={o[field]!r} is invalid; allowed: {allowed}")
+    o = common.MethodOptions(config, DEFAULTS, cls.name, error)
     if len(config.bits) != 1:
       raise error(f"config field bits={tuple(config.bits)!r} is invalid for cmtkd; allowed: one bit-width "
                   "(the student's; the teachers' are method.teacher_bits)")
@@ -62,33 +59,30 @@ class CMTKD(Method):
     if (not teacher_bits or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= 8
                                 for b in teacher_bits) or len(set(teacher_bits)) != len(teacher_bits)
         or config.bits[0] in teacher_bits):
-      bad("teacher_bits", "distinct bit-widths in 1..8, other than the student's")
-    for field in ("alpha", "beta", "gamma", "importance_lr_multiplier", "temperature"):
-      if isinstance(o[field], bool) or not isinstance(o[field], numbers.Real) or o[field] < 0 or (
-          field in ("temperature", "importance_lr_multiplier") and o[field] == 0):
-        bad(field, "a number > 0" if field in ("temperature", "importance_lr_multiplier") else "a number >= 0")
-    if o["importance"] not in IMPORTANCE:
-      bad("importance", IMPORTANCE)
+      o.fail("teacher_bits", "distinct bit-widths in 1..8, other than the student's")
+    for field in ("alpha", "beta", "gamma"):
+      o.number(field)
+    o.number("temperature", strict=True)
+    o.number("importance_lr_multiplier", strict=True)
+    o.choice("importance", IMPORTANCE)
     for field in ("mutual_learning", "feature_loss", "remat_teachers"):
-      if not isinstance(o[field], bool):
-        bad(field, "True or False")
+      o.boolean(field)
     points = tuple(o["fusion_points"])
     if any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1 for p in points) or list(
         points) != sorted(set(points)):
-      bad("fusion_points", "increasing block indices >= 1 (fusion after that many blocks), or () for stage ends")
+      o.fail("fusion_points", "increasing block indices >= 1 (fusion after that many blocks), or () for stage ends")
     num_blocks = models.num_blocks(common.build_model(config, 10, models.QuantSpec()))
     if points and points[-1] >= num_blocks:
-      bad("fusion_points", f"block counts below the model's {num_blocks} blocks")
-    warmup = o["warmup_epochs"]
-    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or not 0 <= warmup < config.num_epochs:
-      bad("warmup_epochs", f"an integer in 0..{config.num_epochs - 1} (num_epochs - 1)")
+      o.fail("fusion_points", f"block counts below the model's {num_blocks} blocks")
+    if o.integer("warmup_epochs") >= config.num_epochs:
+      o.fail("warmup_epochs", f"an integer in 0..{config.num_epochs - 1} (num_epochs - 1)")
     if o["pretrained_checkpoint"]:
       common.check_pretrained_run(o["pretrained_checkpoint"], config.model.name, config.model.options,
                                   "method.pretrained_checkpoint", error)
 
   def __init__(self, config, num_classes: int, steps_per_epoch: int):
     self.config = config
-    self.opts = o = {k: config.method.get(k, v) for k, v in DEFAULTS.items()}
+    self.opts = o = common.MethodOptions(config, DEFAULTS, self.name, ValueError)
     self.student_bits = int(config.bits[0])
     self.teacher_bits = tuple(int(b) for b in o["teacher_bits"])
     bit_set = self.teacher_bits + (self.student_bits,)

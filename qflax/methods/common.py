@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 
 import flax
@@ -148,12 +149,48 @@ def merge_pretrained(target, source, what: str = "pretrained run"):
   return traverse_util.unflatten_dict(merged)
 
 
-def method_options(config, defaults: dict, method: str, error: type[Exception]) -> dict:
-  """``config.method.*`` over ``defaults``; an unknown field raises ``error`` naming it."""
-  unknown = set(config.method.keys()) - set(defaults) - {"name", "bit_axis"}
-  if unknown:
-    raise error(f"config fields method.{sorted(unknown)} are unknown for {method}; allowed: {sorted(defaults)}")
-  return {k: config.method.get(k, v) for k, v in defaults.items()}
+class MethodOptions(dict):
+  """``config.method.*`` over a method's ``defaults``, with checks that raise
+  ``error`` naming the field and the allowed values. An unknown field raises at once.
+
+  Example:
+    >>> o = MethodOptions(config, {"temperature": 2.0}, "qkd", ConfigError)
+    >>> o.number("temperature", strict=True)
+  """
+
+  def __init__(self, config, defaults: dict, method: str, error: type[Exception]):
+    unknown = set(config.method.keys()) - set(defaults) - {"name", "bit_axis"}
+    if unknown:
+      raise error(f"config fields method.{sorted(unknown)} are unknown for {method}; allowed: {sorted(defaults)}")
+    super().__init__({k: config.method.get(k, v) for k, v in defaults.items()})
+    self.error = error
+
+  def fail(self, field: str, allowed) -> None:
+    raise self.error(f"config field method.{field}={self[field]!r} is invalid; allowed: {allowed}")
+
+  def number(self, field: str, minimum: float = 0.0, *, strict: bool = False, maximum: float | None = None):
+    value = self[field]
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or value < minimum
+        or (strict and value == minimum) or (maximum is not None and value > maximum)):
+      low = f"{'>' if strict else '>='} {minimum}"
+      self.fail(field, f"a number {low}" + (f" and <= {maximum}" if maximum is not None else ""))
+    return float(value)
+
+  def integer(self, field: str, minimum: int = 0):
+    value = self[field]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+      self.fail(field, f"an integer >= {minimum}")
+    return int(value)
+
+  def boolean(self, field: str) -> bool:
+    if not isinstance(self[field], bool):
+      self.fail(field, "True or False")
+    return self[field]
+
+  def choice(self, field: str, allowed):
+    if self[field] not in allowed:
+      self.fail(field, tuple(allowed))
+    return self[field]
 
 
 def calibrate_replicas(model, plans: qnn.PrecisionPlan, params, batch_stats, batches):

@@ -90,40 +90,32 @@ class Progressive(Method):
 
   @classmethod
   def validate_config(cls, config, error):
-    o = common.method_options(config, DEFAULTS, cls.name, error)
-
-    def bad(field, allowed):
-      raise error(f"config field method.{field}={o[field]!r} is invalid; allowed: {allowed}")
+    o = common.MethodOptions(config, DEFAULTS, cls.name, error)
     if any(b >= 32 for b in config.bits):
       raise error(f"config field bits={tuple(config.bits)!r} is invalid for progressive; allowed: the low "
                   "bit-widths of the students (1..8); the full-precision model is method.joint_kd")
-    for field in ("two_stage", "stochastic_precision"):
-      if not isinstance(o[field], bool):
-        bad(field, "True or False")
+    o.boolean("two_stage")
+    o.boolean("stochastic_precision")
     p = tuple(o["progressive_bits"])
     if any(not (b == 32 or 1 <= b <= 8) for b in p) or list(p) != sorted(set(p), reverse=True) or (
         p and p[-1] <= min(config.bits)):
-      bad("progressive_bits", f"distinct bit-widths in decreasing order, each above the lowest target "
-          f"{min(config.bits)}, e.g. (32, 8, 4)")
+      o.fail("progressive_bits", f"distinct bit-widths in decreasing order, each above the lowest target "
+             f"{min(config.bits)}, e.g. (32, 8, 4)")
     if o["stochastic_precision"] and (p or o["two_stage"]):
-      bad("stochastic_precision", "False when two_stage or progressive_bits is set (it replaces the stages)")
-    for field, allowed in (("joint_kd", JOINT_KD), ("sp_schedule", SP_SCHEDULES), ("sp_batch_norm", SP_BATCH_NORM)):
-      if o[field] not in allowed:
-        bad(field, allowed)
-    for field in ("temperature", "sp_linear_end"):
-      if isinstance(o[field], bool) or not isinstance(o[field], numbers.Real) or not 0 < o[field] <= (
-          1 if field == "sp_linear_end" else float("inf")):
-        bad(field, "a number in (0, 1]" if field == "sp_linear_end" else "a number > 0")
+      o.fail("stochastic_precision", "False when two_stage or progressive_bits is set (it replaces the stages)")
+    o.choice("joint_kd", JOINT_KD)
+    o.choice("sp_schedule", SP_SCHEDULES)
+    o.choice("sp_batch_norm", SP_BATCH_NORM)
+    o.number("temperature", strict=True)
+    o.number("sp_linear_end", strict=True, maximum=1.0)
     for field in ("lambda_s", "lambda_sk", "lambda_t", "lambda_tk", "hint_weight"):
-      if isinstance(o[field], bool) or not isinstance(o[field], numbers.Real) or o[field] < 0:
-        bad(field, "a number >= 0")
-    if not isinstance(o["recalibration_epochs"], numbers.Integral) or o["recalibration_epochs"] < 1:
-      bad("recalibration_epochs", "an integer >= 1")
+      o.number(field)
+    o.integer("recalibration_epochs", 1)
     count = len(stage_bits(config.bits, o))
     epochs = tuple(o["stage_epochs"])
     if epochs:
       if len(epochs) != count or any(not isinstance(e, numbers.Integral) or e < 1 for e in epochs):
-        bad("stage_epochs", f"{count} positive epoch counts (one per stage) or () for an equal split")
+        o.fail("stage_epochs", f"{count} positive epoch counts (one per stage) or () for an equal split")
       if sum(epochs) != config.num_epochs:
         raise error(f"config field num_epochs={config.num_epochs} is invalid; allowed: {sum(epochs)} "
                     "(the sum of method.stage_epochs)")
@@ -133,7 +125,7 @@ class Progressive(Method):
 
   def __init__(self, config, num_classes: int, steps_per_epoch: int):
     self.config = config
-    self.opts = o = {k: config.method.get(k, v) for k, v in DEFAULTS.items()}
+    self.opts = o = common.MethodOptions(config, DEFAULTS, self.name, ValueError)
     self.bits = tuple(int(b) for b in config.bits)
     self.steps_per_epoch = steps_per_epoch
     self.separate_fp_slot = o["stochastic_precision"] and o["sp_batch_norm"] == "separate"

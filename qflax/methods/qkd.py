@@ -58,33 +58,26 @@ class QKD(Method):
 
   @classmethod
   def validate_config(cls, config, error):
-    o = common.method_options(config, DEFAULTS, cls.name, error)
-
-    def bad(field, allowed):
-      raise error(f"config field method.{field}={o[field]!r} is invalid; allowed: {allowed}")
-    if o["teacher_model"] not in models.model_names():
-      bad("teacher_model", models.model_names())
+    o = common.MethodOptions(config, DEFAULTS, cls.name, error)
+    o.choice("teacher_model", models.model_names())
     try:
       models.get_model(o["teacher_model"], 10, models.QuantSpec(), **dict(o["teacher_options"]))
     except (TypeError, ValueError) as e:
-      bad("teacher_options", f"options of model {o['teacher_model']!r} ({e})")
+      o.fail("teacher_options", f"options of model {o['teacher_model']!r} ({e})")
     epochs = o["phase_epochs"]
     if (not isinstance(epochs, (tuple, list)) or len(epochs) != 3
         or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or e < 0 for e in epochs)
         or not sum(epochs)):
-      bad("phase_epochs", "three epoch counts >= 0 (self-studying, co-studying, tutoring), not all 0")
-    teacher_epochs = o["teacher_epochs"]
-    if isinstance(teacher_epochs, bool) or not isinstance(teacher_epochs, numbers.Integral) or teacher_epochs < 0:
-      bad("teacher_epochs", "an integer >= 0")
+      o.fail("phase_epochs", "three epoch counts >= 0 (self-studying, co-studying, tutoring), not all 0")
+    teacher_epochs = o.integer("teacher_epochs")
     if teacher_epochs and o["teacher_checkpoint"]:
-      bad("teacher_epochs", "0 when method.teacher_checkpoint is set (load the teacher or train it, not both)")
+      o.fail("teacher_epochs", "0 when method.teacher_checkpoint is set (load the teacher or train it, not both)")
     if config.num_epochs != teacher_epochs + sum(epochs):
       raise error(f"config field num_epochs={config.num_epochs} is invalid for qkd; allowed: "
                   f"{teacher_epochs + sum(epochs)} (method.teacher_epochs + sum(method.phase_epochs))")
-    for field, strict in (("temperature", True), ("kd_weight", False), ("teacher_lr_multiplier", True)):
-      value = o[field]
-      if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0 or (strict and value == 0):
-        bad(field, "a number > 0" if strict else "a number >= 0")
+    o.number("temperature", strict=True)
+    o.number("kd_weight")
+    o.number("teacher_lr_multiplier", strict=True)
     if o["teacher_checkpoint"]:
       common.check_pretrained_run(o["teacher_checkpoint"], o["teacher_model"], o["teacher_options"],
                                   "method.teacher_checkpoint", error)
@@ -94,7 +87,7 @@ class QKD(Method):
 
   def __init__(self, config, num_classes: int, steps_per_epoch: int):
     self.config = config
-    self.opts = o = {k: config.method.get(k, v) for k, v in DEFAULTS.items()}
+    self.opts = o = common.MethodOptions(config, DEFAULTS, self.name, ValueError)
     self.bits = tuple(int(b) for b in config.bits)
     self.student = common.build_model(config, num_classes, common.quant_spec(config, self.bits))
     self.teacher = models.get_model(o["teacher_model"], num_classes, models.QuantSpec(),

@@ -295,6 +295,10 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
     ckpt.save(step, state, dict(meta), best=best)
 
   step = int(state.step)
+  if method.initial_evaluation and step == 0 and method.initial_evaluation not in meta.get("phase_accuracy", {}):
+    accuracies = evaluate(state)
+    meta.setdefault("phase_accuracy", {})[method.initial_evaluation] = accuracies
+    progress.message(f"{method.initial_evaluation}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
   try:
     with _SignalFlag() as stop:
       while step < total_steps:
@@ -361,9 +365,10 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
       "variants": [{"name": v.name, "w_bits": v.w_bits, "a_bits": v.a_bits, "accuracy": accuracies[v.name],
                     "model_bytes": method.model_bytes(state, k, sample_x)} for k, v in enumerate(variants)],
       "epochs": total_steps // steps_per_epoch, "train_seconds": train_seconds,
-      "images_per_second": float(meta["images_per_second"]), **method.report(state)}
-  if len(phases) > 1:
-    results["phase_accuracy"] = meta.get("phase_accuracy", {})
+      "images_per_second": float(meta["images_per_second"]), **method.report(state),
+      **method.export(state, workdir, sample_x)}
+  if len(meta.get("phase_accuracy", {})) > 1:
+    results["phase_accuracy"] = meta["phase_accuracy"]
   write_results(workdir, results)
   ckpt.close()
   progress.message("results: " + ", ".join(f"{v['name']} {100 * v['accuracy']:.2f}%" for v in results["variants"])

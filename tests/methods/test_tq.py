@@ -163,3 +163,41 @@ def test_elt_analysis_and_identity_bases_are_not_counted():
       assert sizes.sum() > weights        # the bases are counted
       # The classifier (more inputs than outputs) keeps S = I.
       assert layers[-1].s_choice is None and layers[1].s_choice is not None
+
+
+def test_tq_through_the_loop_writes_files_that_evaluate_to_the_reported_accuracy(tiny_config, tmp_path):
+  from qflax import data, train
+  fp = tiny_config
+  fp.method.name = "fp"
+  fp.bits = (32,)
+  fp.model.options = {"widths": (4, 8, 8), "head_type": "avg"}
+  fp.num_epochs = 1
+  train.train_and_evaluate(fp, str(tmp_path / "fp"))
+  config = fp.copy_and_resolve_references()
+  config.method = {"name": "tq", "bit_axis": "auto", "checkpoint": str(tmp_path / "fp"),
+                   "transforms": ("identity", "klt"), "target_rates": (2.0,), "num_blocks": 2}
+  config.quant.calibrate_batches = 1
+  config.optimizer.learning_rate = 1e-3
+  result = train.train_and_evaluate(config, str(tmp_path / "tq"))
+  names = [v["name"] for v in result["variants"]]
+  assert names == ["fp32", "identity@2", "klt@2"]
+  assert list(result["phase_accuracy"]) == ["before_fine_tuning", "fine_tune"]
+  for name in names[1:]:
+    info = result["compressed"][name]
+    assert 2.0 - 0.5 < info["rate"] <= 2.0 and info["entropy_rate"] <= info["rate"] + 1e-6
+  assert (tmp_path / "tq" / "frontier.md").exists() and (tmp_path / "tq" / "frontier.svg").exists()
+
+  # The file alone gives the reported accuracy.
+  layers, others = codec.load(str(tmp_path / "tq" / "compressed" / "klt_2.tq"))
+  model = models.get_model("convnet", 4, models.QuantSpec(), widths=(4, 8, 8), head_type="avg")
+  plan = qnn.uniform_plan(models.num_blocks(model), 32, (32,))
+  params = tq.reconstruct(others["params"], layers)
+  ds = data.load_dataset("synthetic", synthetic=dict(config.dataset.synthetic))
+  x = data.normalize(jnp.asarray(ds.test.images), ds.info.mean, ds.info.std)
+  logits = model.apply({"params": params, "batch_stats": others["batch_stats"]}, x, plan)
+  accuracy = float(np.mean(np.argmax(logits, -1) == ds.test.labels))
+  assert accuracy == pytest.approx(result["variants"][2]["accuracy"], abs=1e-6)
+
+  config.method.checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(train.ConfigError, match="method.checkpoint"):
+    train.validate(config)

@@ -216,9 +216,11 @@ def transform_domain(layers: list[QuantizedLayer], macs: dict | None = None):
     x = args[0]
     keep = kept_rows(layer)
     k = int(keep.sum())
-    s = jnp.asarray(layer.S[:, keep], jnp.float32)
     t = jnp.asarray(matrix_kernel(layer.T[keep], layer.shape[:-2] + (k, layer.shape[-1]), "row"), jnp.float32)
-    h = x @ s
+    if layer.s_rates:
+      h = x @ jnp.asarray(layer.S[:, keep], jnp.float32)
+    else:                      # S = I: no basis convolution, pruned input channels dropped
+      h = x[..., keep]
     if isinstance(module, qnn.QuantDense):
       y = h @ t
     else:
@@ -226,8 +228,8 @@ def transform_domain(layers: list[QuantizedLayer], macs: dict | None = None):
       y = jax.lax.conv_general_dilated(h, t, strides, qnn.conv_padding(module.padding, 2),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if macs is not None:
-      macs[layer.path] = int(np.prod(x.shape[1:-1])) * x.shape[-1] * k + int(np.prod(y.shape[1:])) * int(
-          np.prod(t.shape[:-1]))
+      basis = int(np.prod(x.shape[1:-1])) * x.shape[-1] * k if layer.s_rates else 0
+      macs[layer.path] = basis + int(np.prod(y.shape[1:])) * int(np.prod(t.shape[:-1]))
     if module.use_bias:
       y = y + module.variables["params"]["bias"]
     return y
