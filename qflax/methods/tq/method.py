@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 
 import flax
 import jax
@@ -131,7 +132,8 @@ class TransformQuantization(Method):
     T = jax.tree_util.tree_map(np.array, state.params["compressed"]["T"])
     for ti, transform in enumerate(self.opts["transforms"]):
       layers = compress.analyse(logits_fn, params, images, transform=transform, num_blocks=self.opts["num_blocks"],
-                                eps=self.opts["eps"], key=jax.random.key(self.config.seed))
+                                eps=self.opts["eps"], key=jax.random.key(self.config.seed),
+                                progress=lambda m, t=transform: print(f"tq {t}: {m}", file=sys.stderr, flush=True))
       distortion, sizes = compress.block_table(layers)
       total = compress.total_weights(layers)
       points = allocation.lambda_sweep(distortion, sizes, total)
