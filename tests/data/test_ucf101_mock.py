@@ -2,8 +2,8 @@
 
 TFDS registers ``ucf101`` only when TensorFlow is installed, which CI does not
 install (600 MB), so this test is skipped there; run it where TensorFlow is
-present. The model and frames are shrunk so that the run takes a minute on CPU;
-everything else (dataset, clip sampling, method, bits) is the shipped config.
+present. The model and the image size are shrunk so that the run takes a minute on CPU;
+everything else (dataset, 8-frame clips, method, bits) is the shipped config.
 """
 
 import pytest
