@@ -201,3 +201,14 @@ def test_tq_through_the_loop_writes_files_that_evaluate_to_the_reported_accuracy
   config.method.checkpoint = str(tmp_path / "nowhere")
   with pytest.raises(train.ConfigError, match="method.checkpoint"):
     train.validate(config)
+
+
+def test_fine_tuning_decays_every_entry_of_s_and_t(tiny_config):
+  from qflax.methods import TransformQuantization
+  tiny_config.method = {"name": "tq", "bit_axis": "auto", "checkpoint": "unused"}
+  tiny_config.optimizer.update(name="sgd", momentum=0.0, learning_rate=0.1, weight_decay=0.5, schedule="constant")
+  tx = TransformQuantization(tiny_config, 4, 3)._optimizer(0)
+  params = {"S": {"layer": jnp.ones((2, 2))}, "T": {"layer": jnp.full((2, 3), 2.0)}}
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_allclose(updates["S"]["layer"], -0.05)
+  np.testing.assert_allclose(updates["T"]["layer"], -0.1)

@@ -25,6 +25,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
 from qflax import models, quant
@@ -77,8 +78,13 @@ class TransformQuantization(Method):
     return [Phase("fine_tune", int(self.config.num_epochs))]
 
   def _optimizer(self, phase_index):
+    """The fine-tuning optimizer; weight decay applies to every entry of S and T
+    (``make_optimizer`` alone decays only leaves named ``kernel``)."""
     steps = self.phases()[phase_index].num_epochs * self.steps_per_epoch
-    return make_optimizer(self.config.optimizer, steps, self.steps_per_epoch)
+    no_decay = self.config.optimizer.copy_and_resolve_references()
+    no_decay.weight_decay = 0.0
+    return optax.chain(optax.add_decayed_weights(self.config.optimizer.weight_decay),
+                       make_optimizer(no_decay, steps, self.steps_per_epoch))
 
   def _structure(self, params):
     """Per kernel: its path, shape, matrix shape and block bounds (static)."""
