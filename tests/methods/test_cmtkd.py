@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from batches import tiny_batch
 from qflax import distill, quant, train
 from qflax.methods import CMTKD, common
 
@@ -23,11 +24,9 @@ def _cmtkd(c, **options):
   c.quant.act_quantizer = "hwgq"
   train.validate(c)
   method = CMTKD(c, num_classes=4, steps_per_epoch=3)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+  x, y = tiny_batch()
   state = jax.jit(method.init_state)(jax.random.key(0), x[:1])
-  logits = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
   state = state.replace(params={**state.params, "importance": {"logits": logits}})
   return method, state, x, y
 

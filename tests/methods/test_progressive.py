@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from batches import tiny_batch
 from qflax import distill, train
 from qflax.methods import Progressive
 from qflax.methods.progressive import stage_bits, stochastic_precision_ratio
@@ -22,9 +23,7 @@ def _progressive(c, bits=(2,), **options):
   c.num_epochs = max(c.num_epochs, 4)
   train.validate(c)
   method = Progressive(c, num_classes=4, steps_per_epoch=3)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+  x, y = tiny_batch()
   return method, jax.jit(method.init_state)(jax.random.key(0), x[:1]), x, y
 
 

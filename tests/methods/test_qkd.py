@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from batches import tiny_batch
 from qflax import quant, train
 from qflax.methods import QKD
 
@@ -37,9 +38,7 @@ def _qkd(config, **options):
   config = _qkd_config(config, **options)
   train.validate(config)
   method = QKD(config, num_classes=4, steps_per_epoch=3)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+  x, y = tiny_batch()
   return method, jax.jit(method.init_state)(jax.random.key(0), x[:1]), x, y
 
 
@@ -150,9 +149,7 @@ def test_mobilenet_v2_uses_signed_intervals_for_bottleneck_outputs(tiny_config):
   config.quant.signed_act_quantizer = "qil_signed"
   train.validate(config)
   method = QKD(config, num_classes=4, steps_per_epoch=3)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(8, 8, 8, 3)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, 8), jnp.int32)
+  x, y = tiny_batch(size=8, channels=3)
   state = jax.jit(method.init_state)(jax.random.key(0), x[:1])
   flat = traverse_util.flatten_dict(state.params["student"])
   block_input = lambda i: next(v for k, v in flat.items() if f"blocks_{i}" in k and k[-1] == "input_centre")

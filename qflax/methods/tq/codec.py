@@ -14,6 +14,7 @@ parameters as float32. A truncated or altered file fails its checks with
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -117,7 +118,6 @@ def decode(data: bytes) -> tuple[list[QuantizedLayer], dict]:
 
 def save(path: str, layers: list[QuantizedLayer], other_params) -> int:
   """Writes the file (atomically) and returns its size in bytes."""
-  import os
   data = encode(layers, other_params)
   tmp = f"{path}.tmp"
   with open(tmp, "wb") as f:
