@@ -43,11 +43,13 @@ from qflax.quant._src.qil import qil
 from qflax.quant._src.qil import qil_init_activation
 from qflax.quant._src.qil import qil_init_weight
 from qflax.quant._src.qil import qil_integer
+from qflax.quant._src.qil import qil_interval
 from qflax.quant._src.registry import Quantizer
 from qflax.quant._src.registry import get_quantizer
 from qflax.quant._src.registry import quantizer_names
 from qflax.quant._src.sat import sat_weight
 from qflax.quant._src.sat import sat_weight_integer
+from qflax.quant._src.stats import code_statistics
 from qflax.quant._src.ste import round_ste
 from qflax.quant._src.ste import straight_through
 from qflax.quant._src.uniform import calibrate_asymmetric
@@ -56,3 +58,5 @@ from qflax.quant._src.uniform import uniform_asymmetric
 from qflax.quant._src.uniform import uniform_asymmetric_integer
 from qflax.quant._src.uniform import uniform_symmetric
 from qflax.quant._src.uniform import uniform_symmetric_integer
+from qflax.quant._src.uniform import uniform_unsigned
+from qflax.quant._src.uniform import uniform_unsigned_integer

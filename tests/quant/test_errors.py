@@ -14,6 +14,9 @@ QUANTIZERS = {
     "sat_weight": lambda b: quant.sat_weight(X, b),
     "clamp_activation": lambda b: quant.clamp_activation(X, b),
     "pact": lambda b: quant.pact(X, 2.0, b),
+    "pact_adabits": lambda b: quant.pact(X, 2.0, b, gradient="adabits"),
+    "sat_fp_normalized": lambda b: quant.sat_weight(X, b, normalize_full_precision=True),
+    "uniform_unsigned": lambda b: quant.uniform_unsigned(X, b),
     "lsq": lambda b: quant.lsq(X, 0.1, b, signed=True),
     "qil": lambda b: quant.qil(X, 1.0, 0.5, b, signed=True),
     "hwgq": lambda b: quant.hwgq(X, b),
@@ -67,6 +70,8 @@ def test_unknown_names():
     quant.calibrate_symmetric(X, 4, method="minmax")
   with pytest.raises(ValueError, match="mode"):
     quant.hwgq(X, 2, mode="lloyd")
+  with pytest.raises(ValueError, match="gradient"):
+    quant.pact(X, 2.0, 4, gradient="lsq")
 
 
 def test_codes_out_of_range_and_short_buffers():
@@ -77,7 +82,10 @@ def test_codes_out_of_range_and_short_buffers():
 
 
 def test_degenerate_parameters_stay_finite():
-  for y in (quant.pact(X, 0.0, 4), quant.lsq(X, 0.0, 4, signed=True), quant.qil(X, 0.0, 0.0, 4, signed=False),
+  for y in (quant.pact(X, 0.0, 4), quant.pact(X, 0.0, 4, gradient="adabits"), quant.lsq(X, 0.0, 4, signed=True),
+            quant.qil(X, 0.0, 0.0, 4, signed=False), quant.qil(X, -1.0, -1.0, 4, signed=True),
+            quant.uniform_unsigned(-jnp.abs(X), 4),
+            quant.sat_weight(jnp.zeros((2, 4)), 32, normalize_full_precision=True),
             quant.dorefa_weight(jnp.zeros(8), 2), quant.sat_weight(jnp.zeros((2, 4)), 2),
             quant.uniform_symmetric(jnp.zeros(8), 4, quant.calibrate_symmetric(jnp.zeros(8), 4))):
     assert np.all(np.isfinite(np.asarray(y)))

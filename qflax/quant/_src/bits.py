@@ -21,6 +21,8 @@ _SAFE_BITS = MAX_BITS
 
 def _concrete(value):
   """Returns ``value`` as a NumPy array, or ``None`` when it is traced."""
+  if isinstance(value, jax.core.Tracer):   # cheaper than raising and catching the conversion error
+    return None
   try:
     return np.asarray(value)
   except (jax.errors.TracerArrayConversionError,

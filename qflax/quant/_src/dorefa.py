@@ -17,9 +17,17 @@ _TINY = 1e-12
 
 
 def unit_weight(w: jax.Array) -> jax.Array:
-  """``u = tanh(w) / (2 max|tanh(w)|) + 1/2``, mapping weights into [0, 1]."""
+  """``u = tanh(w) / (2 max|tanh(w)|) + 1/2``, mapping weights into [0, 1].
+
+  Evaluated as ``(tanh(w) + m) / (2m)``, ``m = max|tanh(w)|``: with no product
+  feeding an addition, jitted code (where XLA turns the division into a
+  reciprocal multiply and fuses multiply-adds) gives the same bits as op-by-op
+  code, so integer codes match the fake-quantized weights, and ``u`` is exactly
+  0 and 1 at the extremes.
+  """
   t = jnp.tanh(w)
-  return t / (2.0 * jnp.maximum(jnp.max(jnp.abs(t)), _TINY)) + 0.5
+  m = jnp.maximum(jnp.max(jnp.abs(t)), _TINY)
+  return (t + m) / (2.0 * m)
 
 
 def _encode_weight(w, bits, scale_by_mean):

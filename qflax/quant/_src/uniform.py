@@ -81,6 +81,47 @@ def uniform_asymmetric_integer(x, bits: int, scale, zero_point) -> IntegerTensor
                             jnp.asarray(zero_point, x.dtype))
 
 
+def _unsigned_clip(x, clip):
+  if clip is None:
+    clip = jax.lax.stop_gradient(jnp.max(x))
+  return jnp.maximum(jnp.asarray(clip, x.dtype), 0.0)
+
+
+def _encode_unsigned(x, bits, clip):
+  bits = bits_lib.safe_bits(bits)
+  top = bits_lib.num_levels(bits) - 1.0
+  scale = jnp.maximum(clip / top, _MIN_SCALE)
+  codes = jnp.clip(jnp.round(x / scale), 0.0, top)
+  return IntegerTensor(codes.astype(jnp.int32), scale, jnp.zeros_like(scale), bits)
+
+
+def uniform_unsigned(x: jax.Array, bits, clip: jax.Array | None = None) -> jax.Array:
+  """Unsigned uniform quantizer: ``x_q = s clip(round(x / s), 0, 2^k - 1)``, ``s = c / (2^k - 1)``.
+
+  Codes ``0..2^k - 1`` with zero point 0, for non-negative inputs (after a ReLU
+  or average pooling); negative values clip to 0. The clip ``c`` defaults to
+  ``max(x)`` of this tensor (per batch, no gradient through it); pass it
+  explicitly (broadcasting against ``x``) for a fixed or per-channel range.
+  All ``2^k`` codes span ``[0, c]``, where the signed :func:`uniform_symmetric`
+  would leave its negative half unused (Jacob et al., CVPR 2018).
+  Straight-through gradient on ``[0, c]``, 0 outside.
+
+  Example:
+    >>> a = jax.nn.relu(x)
+    >>> aq = uniform_unsigned(a, 8)               # 256 levels on [0, max(a)]
+  """
+  bits = bits_lib.check_bits(bits)
+  clip = _unsigned_clip(x, clip)
+  surrogate = ste.masked_identity(x, (x >= 0.0) & (x <= clip))
+  quantized = ste.straight_through(surrogate, dequantize(_encode_unsigned(x, bits, clip)))
+  return bits_lib.select_full_precision(bits, x, quantized)
+
+
+def uniform_unsigned_integer(x: jax.Array, bits: int, clip: jax.Array | None = None) -> IntegerTensor:
+  """Integer form of :func:`uniform_unsigned`: codes ``0..2^k - 1``, zero point 0, scale ``c / (2^k - 1)``."""
+  return _encode_unsigned(x, bits_lib.check_integer_bits(bits), _unsigned_clip(x, clip))
+
+
 def _reduce_axes(x, channel_axis):
   if channel_axis is None:
     return None
