@@ -32,10 +32,10 @@ def _step(model, method, bits, swap=True, bit_axis="loop"):
   c.bits = bits
   if method == "aao":
     c.method.swap = swap
-  m = methods.get_method(method)(c, 100, steps_per_epoch=100)
+  m = methods.create(c, methods.Task(100, (32, 32, 3), 100))
   x = jax.random.normal(jax.random.key(0), (128, 32, 32, 3))
   y = jax.random.randint(jax.random.key(1), (128,), 0, 100)
-  state = m.init_state(jax.random.key(2), x[:1])
+  state = m.init_state(jax.random.key(2))
   step = jax.jit(lambda s, k: m.train_step(s, x, y, k, 0))
   state, _ = jax.block_until_ready(step(state, jax.random.key(3)))
 

@@ -35,10 +35,10 @@ def _step(model, batch, bit_axis, remat):
   c.bits = (2,)
   c.quant.weight_quantizer = "uniform_layer"
   c.quant.act_quantizer = "hwgq"
-  m = methods.get_method("cmtkd")(c, 100, steps_per_epoch=100)
+  m = methods.create(c, methods.Task(100, (32, 32, 3), 100))
   x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
   y = jax.random.randint(jax.random.key(1), (batch,), 0, 100)
-  state = jax.jit(m.init_state)(jax.random.key(2), x[:1])
+  state = jax.jit(m.init_state)(jax.random.key(2))
   step = jax.jit(lambda s, k: m.train_step(s, x, y, k, 0), donate_argnums=0)
   compiled = step.lower(state, jax.random.key(3)).compile()
   analysis = compiled.memory_analysis()

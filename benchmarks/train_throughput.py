@@ -44,10 +44,10 @@ def _config(model: str, method: str, bits, bit_axis: str = "loop"):
 
 def _step(model, method, bits, bit_axis="loop"):
   config, shape, classes = _config(model, method, bits, bit_axis)
-  m = methods.get_method(method)(config, classes, steps_per_epoch=100)
+  m = methods.create(config, methods.Task(classes, shape, 100))
   x = jax.random.normal(jax.random.key(0), (config.batch_size,) + shape)
   y = jax.random.randint(jax.random.key(1), (config.batch_size,), 0, classes)
-  state = m.init_state(jax.random.key(2), x[:1])
+  state = m.init_state(jax.random.key(2))
   step = jax.jit(lambda s, x, y: m.train_step(s, x, y, jax.random.key(3), 0))
   state, _ = jax.block_until_ready(step(state, x, y))   # compile
 

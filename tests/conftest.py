@@ -13,8 +13,7 @@ import pytest  # noqa: E402
 from qflax.train import default_config  # noqa: E402
 
 
-@pytest.fixture
-def tiny_config():
+def make_tiny_config():
   """A tiny synthetic config that trains in seconds."""
   c = default_config()
   c.method.name = "qat"
@@ -29,4 +28,11 @@ def tiny_config():
   c.optimizer.learning_rate = 0.05
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
+  # The health monitor compiles one statistics pass per variant; tests of it turn it on.
+  c.quant.monitor = False
   return c
+
+
+@pytest.fixture
+def tiny_config():
+  return make_tiny_config()

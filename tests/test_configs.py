@@ -6,7 +6,7 @@ import pytest
 
 from qflax import train
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py") if p.stem != "__init__")
 
 
 def _load(path):
@@ -16,13 +16,14 @@ def _load(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_validates(path, tmp_path):
   config = _load(path)
-  if config.method.name == "tq":
-    # Everything up to the trained run it compresses, checked last (a fresh checkout has none).
-    config.method.checkpoint = str(tmp_path / "no_run")
-    with pytest.raises(train.ConfigError, match="method.checkpoint"):
+  starts = train.load(config).method.starts      # every field but the runs it starts from
+  if starts:
+    # The recipe's fp runs come first (its docstring); a fresh checkout has none, and
+    # validation names the field that points at the missing run.
+    with pytest.raises(train.ConfigError, match=starts[0].field):
       train.validate(config)
-    return
-  train.validate(config)
+  else:
+    train.validate(config)
 
 
 def test_every_issue_config_is_shipped():
@@ -38,3 +39,14 @@ def test_aao_recipe_matches_the_spec():
   assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay, c.num_epochs, c.batch_size) == (
       "sgd", 0.1, 5e-4, 200, 128)
   assert c.method.teacher == "adaptive" and c.method.swap_probability == 0.5 and c.method.beta == 1.0
+
+
+def test_recipes_carry_the_quantizer_fixes():
+  aao = _load(next(p for p in CONFIGS if p.stem == "aao_cifar100"))
+  assert aao.quant.calibrate_batches > 0 and aao.optimizer.clip_weight_decay > 0       # PACT's clip moves
+  qkd = _load(next(p for p in CONFIGS if p.stem == "qkd_cifar100"))
+  assert qkd.optimizer.weight_quantizer_lr_multiplier < qkd.optimizer.quantizer_lr_multiplier < 1
+  assert qkd.method.student_checkpoint and qkd.method.teacher_checkpoint                # from fp networks
+  cmtkd = _load(next(p for p in CONFIGS if p.stem == "cmtkd_cifar100"))
+  assert cmtkd.quant.weight_quantizer == "uniform_layer" and cmtkd.method.pretrained_checkpoint
+  assert not cmtkd.optimizer.nesterov and cmtkd.method.teacher_weight_decay == 1e-4

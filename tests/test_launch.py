@@ -33,3 +33,63 @@ def test_launch_reports_a_bad_field_and_exits_2(tmp_path):
   assert out.returncode == 2
   assert "error: config field bits=(0,) is invalid" in out.stderr
   assert not (tmp_path / "config.json").exists()
+
+
+def _quick(*args):
+  """launch.py on a tiny synthetic config: errors must come before any compute."""
+  return _launch("--config", "quickstart", *TINY, *args)
+
+
+def test_a_mistyped_field_on_the_command_line_is_one_line_with_a_suggestion(tmp_path):
+  for typo, suggestion in (("--config.num_epoch=1", "num_epochs"), ("--config.optimizer.lr=0.01", "learning_rate")):
+    out = _quick("--workdir", str(tmp_path), typo)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean" in lines[0] and suggestion in lines[0], out.stderr
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_a_method_option_the_config_file_does_not_set_is_accepted_or_named(tmp_path):
+  out = _quick("--workdir", str(tmp_path), "--config.method.teacher=fixed")      # quickstart is qat
+  assert out.returncode == 2 and "method.teacher is unknown" in out.stderr and "Traceback" not in out.stderr
+  out = _quick("--workdir", str(tmp_path / "aao"), "--config.method.name=aao", "--config.method.teacher=fixed",
+               "--config.method.swap=False")
+  assert out.returncode == 0, out.stderr
+  assert json.loads((tmp_path / "aao" / "config.json").read_text())["method"]["teacher"] == "fixed"
+
+
+def test_list_shows_methods_models_datasets_and_fields():
+  out = _launch("--list")
+  assert out.returncode == 0
+  for text in ("methods:  fp, qat, aao", "resnet20", "imagenette", "aao_cifar100", "optimizer.learning_rate = 0.1",
+               "method.aao:beta"):
+    assert text in out.stdout, text
+
+
+def test_phased_recipes_scale_their_phases_to_num_epochs(tmp_path):
+  out = _launch("--config", "qkd_fashion_mnist", "--workdir", str(tmp_path), *TINY[:-1], "--config.bits=(2,)",
+                "--config.num_epochs=4")
+  assert out.returncode == 0, out.stderr
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["epochs"] == 4 and results["phases"] == ["teacher", "self_studying", "co_studying", "tutoring"]
+
+
+def test_workdir_mistakes_are_one_line(tmp_path):
+  (tmp_path / "file").write_text("")
+  out = _quick("--workdir", str(tmp_path / "file"))
+  assert out.returncode == 2 and "is a file" in out.stderr
+  out = _launch("--mode=evaluate", "--workdir", str(tmp_path / "nothing"))
+  assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_evaluate_and_export_modes(tmp_path):
+  workdir = tmp_path / "run"
+  assert _quick("--workdir", str(workdir)).returncode == 0
+  out = _launch("--mode=evaluate", "--workdir", str(workdir))
+  assert out.returncode == 0, out.stderr
+  evaluation = json.loads((workdir / "evaluation.json").read_text())["accuracy"]
+  results = json.loads((workdir / "results.json").read_text())
+  assert evaluation == {v["name"]: v["accuracy"] for v in results["variants"]}
+  out = _launch("--mode=export", "--workdir", str(workdir))
+  assert out.returncode == 0, out.stderr
+  assert (workdir / "export" / "model.stablehlo").exists() and (workdir / "export" / "fp32.qfx").exists()

@@ -9,6 +9,10 @@ without the data streams synthetic clips through the same path:
       --config.dataset.synthetic.num_frames=8 --config.dataset.synthetic.num_classes=101 \
       --config.dataset.synthetic.image_size=64 --config.dataset.image_size=56 \
       --config.dataset.resize_size=64 --config.num_epochs=1 --config.batch_size=8
+
+TSM networks start from a trained full-precision one (TSM fine-tunes from ImageNet):
+``--config.method.pretrained_checkpoint=DIR`` with DIR the workdir of an fp run of the same
+model (``--config.method.name=fp --config.bits='(32,)'`` on this config).
 """
 
 import os

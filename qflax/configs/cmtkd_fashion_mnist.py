@@ -16,6 +16,8 @@ def get_config():
   c.model.options.widths = (16, 32, 64)
   c.dataset.name = "fashion_mnist"
   c.method.warmup_epochs = 2             # teachers learn alone first, so frozen-teacher ablations are meaningful
+  c.method.pretrained_checkpoint = ""    # (the warm-up replaces the fp run here)
+  c.method.teacher_weight_decay = 0.0
   c.num_epochs = 10
   c.eval_batch_size = 1000
   c.optimizer.name = "adam"

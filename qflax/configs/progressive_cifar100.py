@@ -9,6 +9,9 @@ full-precision ResNet-20 trained in the same step (Zhuang et al., 2018/2021).
   #   --config.method.progressive_bits='(32,8,4)'      32 -> 8 -> 4 -> target
   #   --config.method.stochastic_precision=True        one stage, blocks quantized with probability r
   #   --config.method.joint_kd=none|mutual|guided      the full-precision partner
+  # from a trained full-precision network (the paper's ImageNet recipe fine-tunes so):
+  #   python launch.py --config configs/fp_cifar100.py --workdir runs/fp_preact_resnet20
+  #   ... --config.method.pretrained_checkpoint=runs/fp_preact_resnet20 --config.method.teacher_lr_multiplier=0.2
 """
 
 from qflax.train import default_config
@@ -26,6 +29,8 @@ def get_config():
   c.method.temperature = 1.0
   c.method.lambda_s, c.method.lambda_sk, c.method.lambda_t, c.method.lambda_tk = 0.7, 0.7, 1.0, 0.5
   c.method.hint_weight = 0.1
+  c.method.teacher_lr_multiplier = 1.0
+  c.method.pretrained_checkpoint = ""
   c.model.name = "preact_resnet20"
   c.dataset.name = "cifar100"
   c.bits = (4, 2)

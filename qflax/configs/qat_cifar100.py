@@ -12,9 +12,11 @@ def get_config():
   c.bits = (8, 4, 2)
   c.quant.weight_quantizer = "sat"
   c.quant.act_quantizer = "pact"
-  c.quant.act_param_init.alpha = 8.0
+  c.quant.act_param_init.alpha = 8.0     # replaced by calibration
+  c.quant.calibrate_batches = 4
   c.num_epochs = 200
   c.batch_size = 128
   c.optimizer.learning_rate = 0.1
   c.optimizer.weight_decay = 5e-4
+  c.optimizer.clip_weight_decay = 5e-4   # PACT's L2 on alpha
   return c

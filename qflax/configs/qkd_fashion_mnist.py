@@ -17,7 +17,9 @@ def get_config():
   c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qkd_cifar100.py"))
   c.method.teacher_model = "convnet"
   c.method.teacher_options = {"widths": (32, 64, 128)}
-  c.method.teacher_epochs = 3
+  c.method.teacher_epochs = 3         # trained first here: no fp runs needed
+  c.method.teacher_checkpoint = ""
+  c.method.student_checkpoint = ""
   c.method.phase_epochs = (2, 4, 4)
   c.model.name = "convnet"
   c.model.options.widths = (16, 32, 64)

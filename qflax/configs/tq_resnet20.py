@@ -20,6 +20,11 @@ def get_config():
   c.method.target_rates = (1.0, 2.0, 3.0, 4.0)
   c.method.num_blocks = 16
   c.method.eps = 1e-3
+  c.method.eps_norm = "frobenius"     # the authors' code; "spectral" as an option
+  c.method.mode = "row"               # or "column" (mix output channels)
+  c.method.distortion = "output"      # "weight": the weight-error allocation baseline
+  c.method.fine_tune = "transforms"   # S and T only; "all": every parameter in train mode (the authors' script)
+  c.method.covariance_chunk = 8       # images per chunk of the ELT's gradient covariance
   c.model.name = "resnet20"
   c.dataset.name = "cifar100"
   c.bits = (32,)

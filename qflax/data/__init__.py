@@ -1,19 +1,18 @@
 """Data sources and input pipelines (independent of models).
 
-Small datasets load into memory (:func:`load_dataset`), go to the devices
-(:func:`to_device`) and are batched, augmented and normalised inside the jitted
-step (:func:`train_batch`, :func:`eval_batch`). Large image and video datasets
-stream through :class:`StreamingPipeline`.
+Small datasets load into memory (:func:`load_dataset`) and are batched on the
+devices (:class:`DeviceBatches`); large image and video datasets stream through
+:class:`StreamingPipeline` (:class:`StreamedBatches`). Augmentation
+(:func:`augment`) and normalisation (:func:`normalize`) run inside the jitted step.
 """
 
+from qflax.data.batches import DeviceBatches
+from qflax.data.batches import StreamedBatches
 from qflax.data.device import DeviceSplit
 from qflax.data.device import augment
 from qflax.data.device import epoch_permutation
-from qflax.data.device import eval_batch
 from qflax.data.device import normalize
-from qflax.data.device import num_eval_batches
 from qflax.data.device import to_device
-from qflax.data.device import train_batch
 from qflax.data.idx import load_idx_split
 from qflax.data.idx import read_idx
 from qflax.data.idx import write_idx
@@ -23,10 +22,12 @@ from qflax.data.sources import DataUnavailableError
 from qflax.data.sources import Dataset
 from qflax.data.sources import DatasetInfo
 from qflax.data.sources import Split
+from qflax.data.sources import StreamSource
 from qflax.data.sources import dataset_names
+from qflax.data.sources import is_known_dataset
 from qflax.data.sources import is_streamed
-from qflax.data.sources import open_stream
 from qflax.data.sources import load_dataset
+from qflax.data.sources import open_stream
 from qflax.data.streaming import StreamingPipeline
 from qflax.data.streaming import random_resized_crop
 from qflax.data.streaming import resize_center_crop

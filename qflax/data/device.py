@@ -1,8 +1,8 @@
 """Small datasets on the device: per-epoch order, in-step augmentation, normalisation.
 
-The split lives on the device(s) as ``uint8``; a jitted train step slices its
-batch indices from the epoch permutation, gathers the images, augments and
-normalises them. The permutation is a pure function of ``(seed, epoch)``, so a
+The split lives on the device(s) as ``uint8``; batches are gathered there in the
+epoch order (:class:`qflax.data.DeviceBatches`) and the jitted train step augments
+and normalises them. The permutation is a pure function of ``(seed, epoch)``, so a
 resumed run sees the same batches.
 """
 
@@ -66,33 +66,3 @@ def augment(key: jax.Array, images: jax.Array, augmentation: Augmentation) -> ja
     return image
 
   return jax.vmap(one)(keys, images)
-
-
-def train_batch(split: DeviceSplit, permutation: jax.Array, step_in_epoch, batch_size: int, key: jax.Array,
-                augmentation: Augmentation, mean, std, batch_sharding=None):
-  """Batch ``step_in_epoch`` of the epoch, augmented and normalised (call inside ``jit``).
-
-  ``batch_sharding`` (e.g. ``NamedSharding(mesh, P('data'))``) shards the gathered
-  batch over the devices.
-  """
-  indices = jax.lax.dynamic_slice_in_dim(permutation, step_in_epoch * batch_size, batch_size)
-  if batch_sharding is not None:
-    indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-  images = augment(key, split.images[indices], augmentation)
-  return normalize(images, mean, std), split.labels[indices]
-
-
-def eval_batch(split: DeviceSplit, batch_index, batch_size: int, mean, std, batch_sharding=None):
-  """Batch ``batch_index`` in file order, padded at the end: ``(x, labels, mask)``."""
-  n = split.labels.shape[0]
-  positions = batch_index * batch_size + jnp.arange(batch_size)
-  mask = positions < n
-  indices = jnp.where(mask, positions, 0)
-  if batch_sharding is not None:
-    indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-    mask = jax.lax.with_sharding_constraint(mask, batch_sharding)
-  return normalize(split.images[indices], mean, std), split.labels[indices], mask
-
-
-def num_eval_batches(num_examples: int, batch_size: int) -> int:
-  return -(-num_examples // batch_size)

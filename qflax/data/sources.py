@@ -9,8 +9,14 @@ compute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from typing import NamedTuple
 
 import numpy as np
@@ -72,16 +78,191 @@ class DataUnavailableError(FileNotFoundError):
 
 
 def dataset_names() -> tuple[str, ...]:
-  return tuple(KNOWN) + ("synthetic", "tfds:<name>", "idx:<dir>")
+  """Every name :func:`load_dataset` or :func:`open_stream` accepts (the last two are patterns)."""
+  return tuple(KNOWN) + tuple(STREAMED) + ("synthetic", "tfds:<name>", "idx:<dir>")
+
+
+def is_known_dataset(name: str) -> bool:
+  """Whether :func:`load_dataset` or :func:`open_stream` accepts ``name`` (config validation uses this)."""
+  if not isinstance(name, str):
+    return False
+  if name.startswith("tfds:"):
+    return len(name) > len("tfds:")
+  if name.startswith("idx:"):
+    return len(name) > len("idx:")
+  return name in KNOWN or name in STREAMED or name == "synthetic"
+
+
+# --- TFDS: one-line errors that name the cause and the fix -----------------------
+
+DOWNLOAD_HOST = ("storage.googleapis.com", 443)   # TFDS tries its GCS mirror before the dataset's own URLs
+NETWORK_TIMEOUT_S = 3.0
+# Import names whose pip package is called differently.
+_PIP_NAMES = {"PIL": "Pillow", "tensorflow": "tensorflow-cpu", "tensorflow_datasets": "tensorflow-datasets",
+              "array_record": "array-record", "apache_beam": "apache-beam", "cv2": "opencv-python-headless",
+              "importlib_resources": "importlib_resources"}
+
+
+def _unavailable(message: str, cause: str) -> DataUnavailableError:
+  """A :class:`DataUnavailableError` carrying a short ``cause`` (for lists of what was tried)."""
+  error = DataUnavailableError(message)
+  error.cause = cause
+  return error
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+  text = str(error).strip()
+  line = text.splitlines()[0] if text else ""
+  return f"{type(error).__name__}: {line[:limit]}" if line else type(error).__name__
+
+
+def _missing_module(error: BaseException) -> str | None:
+  """The top-level name of the module whose import failed, anywhere in ``error``'s cause chain."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, ImportError):
+      name = error.name or (str(error).split("'")[1] if str(error).count("'") >= 2 else None)
+      return name.split(".")[0] if name else "?"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _missing_module_error(name: str, module: str, error: BaseException) -> DataUnavailableError:
+  pip = _PIP_NAMES.get(module, module)
+  return _unavailable(f"TFDS dataset {name!r} cannot be read: Python module {module!r} is missing "
+                      f"({_first_line(error)}); install it with `pip install {pip}`.",
+                      f"module {module!r} missing (pip install {pip})")
+
+
+class _DropTfdsProbeWarnings(logging.Filter):
+  """Drops TFDS's "Variant folder ... has no dataset_info.json" warning, expected while probing."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Variant folder ")
+
+
+@contextlib.contextmanager
+def _quiet_tfds_probe():
+  """Silences only the probe warning above, on the ``absl`` logger TFDS logs to, for the ``with`` body."""
+  logger, dropper = logging.getLogger("absl"), _DropTfdsProbeWarnings()
+  logger.addFilter(dropper)
+  try:
+    yield
+  finally:
+    logger.removeFilter(dropper)
+
+
+def network_problem(host: tuple[str, int] = DOWNLOAD_HOST, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
+  """``None`` if ``host`` (or the configured HTTPS proxy) accepts a TCP connection within ``timeout`` s.
+
+  Otherwise a short reason. Name resolution counts towards the timeout (the probe runs in a daemon thread).
+  """
+  proxies = urllib.request.getproxies()
+  proxy = proxies.get("https") or proxies.get("all")
+  if proxy:
+    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    host = (parsed.hostname or proxy, parsed.port or 80)
+  failures = []
+
+  def connect():
+    try:
+      socket.create_connection(host, timeout=timeout).close()
+      failures.append("")
+    except OSError as e:
+      failures.append(f"{type(e).__name__}: {e}")
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if failures and not failures[0]:
+    return None
+  return f"cannot reach {host[0]}:{host[1]}: {failures[0] if failures else f'no answer within {timeout:g} s'}"
+
+
+def _tfds_root(tfds, data_dir: str | None) -> str:
+  return str(data_dir or getattr(getattr(tfds.core, "constants", None), "DATA_DIR", "~/tensorflow_datasets"))
+
+
+def _prepared_dir(tfds, name: str, data_dir: str | None) -> tuple[bool, str]:
+  """Whether TFDS finds ``name`` prepared, and the variant directory it looked in."""
+  try:
+    with _quiet_tfds_probe():
+      builder = tfds.builder(name, data_dir=data_dir)
+      return bool(builder.is_prepared()), str(builder.data_dir)
+  except Exception:  # noqa: BLE001 - the caller reports the original failure
+    return False, _tfds_root(tfds, data_dir)
+
+
+def _prepare_hint(name: str, root: str) -> str:
+  return (f"prepare it where there is internet and tensorflow (pip install 'qflax[tf]'): "
+          f"`tfds build {name} --data_dir={root} --file_format=array_record`, or set dataset.data_dir to a "
+          "directory holding a prepared copy")
+
+
+def _read_prepared(tfds, name: str, splits, data_dir: str | None) -> dict:
+  with _quiet_tfds_probe():
+    return {split: tfds.data_source(name, split=split, data_dir=data_dir, download=False) for split in splits}
+
+
+def _download(tfds, name: str, splits, data_dir: str | None) -> dict:
+  with _quiet_tfds_probe():
+    return {split: tfds.data_source(name, split=split, data_dir=data_dir, download=True) for split in splits}
+
+
+def tfds_sources(name: str, splits, data_dir: str | None, download: bool) -> dict:
+  """``{split: tfds.data_source}`` of prepared data; downloads (when allowed and online) otherwise.
+
+  Raises:
+    DataUnavailableError: a one-line message naming the cause (missing module, not prepared, no network,
+      unknown name, failed download) and the fix; ``.cause`` holds a short form.
+  """
+  try:
+    import tensorflow_datasets as tfds  # only TFDS paths need it
+  except ImportError as e:
+    raise _missing_module_error(name, _missing_module(e) or "tensorflow_datasets", e) from e
+  try:
+    return _read_prepared(tfds, name, splits, data_dir)
+  except Exception as e:  # noqa: BLE001 - classified below
+    first = e
+  root = _tfds_root(tfds, data_dir)
+  if (module := _missing_module(first)) is not None:
+    raise _missing_module_error(name, module, first) from first
+  if any(c.__name__ == "DatasetNotFoundError" for c in type(first).__mro__):
+    raise _unavailable(f"TFDS knows no dataset {name!r} ({_first_line(first, 80)}); check the name against "
+                       "tfds.list_builders() (some, e.g. ucf101, register only when tensorflow is installed: "
+                       "pip install 'qflax[tf]').", "unknown to TFDS") from first
+  prepared, searched = _prepared_dir(tfds, name, data_dir)
+  if prepared:
+    raise _unavailable(f"TFDS dataset {name!r} is prepared in {searched} but cannot be read "
+                       f"({_first_line(first)}); rebuild it with --file_format=array_record or fix the files.",
+                       f"prepared but unreadable ({type(first).__name__})") from first
+  if not download:
+    raise _unavailable(f"TFDS dataset {name!r} is not prepared in data_dir={root!r} (searched {searched}) and "
+                       f"downloads are off (dataset.download=False); {_prepare_hint(name, root)}.",
+                       f"not prepared in {root}") from first
+  if (problem := network_problem()) is not None:
+    raise _unavailable(f"TFDS dataset {name!r} is not prepared in data_dir={root!r} and cannot be downloaded: "
+                       f"no network ({problem}); {_prepare_hint(name, root)}.", f"no network ({problem})") from first
+  try:
+    return _download(tfds, name, splits, data_dir)
+  except Exception as e:  # noqa: BLE001
+    if (module := _missing_module(e)) is not None:
+      raise _missing_module_error(name, module, e) from e
+    raise _unavailable(f"TFDS dataset {name!r} is not prepared in data_dir={root!r} and its download failed "
+                       f"({_first_line(e)}); {_prepare_hint(name, root)}.", f"download failed ({_first_line(e, 80)})"
+                       ) from e
 
 
 def _tfds_splits(name: str, data_dir: str | None, download: bool):
-  import tensorflow_datasets as tfds  # only TFDS paths need it
-  sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=download)
-             for split in ("train", "test")}
+  """Reads a small TFDS dataset's train and test splits into memory; also returns its class count."""
+  sources = tfds_sources(name, ("train", "test"), data_dir, download)
 
   def read(source):
-    records = [source[i] for i in range(len(source))]
+    try:
+      records = [source[i] for i in range(len(source))]
+    except ImportError as e:   # decoding images needs Pillow
+      raise _missing_module_error(name, _missing_module(e) or "?", e) from e
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records]) if records else np.zeros((0,))
     labels = np.asarray([r["label"] for r in records], np.int32)
     return Split(images, labels)
@@ -107,8 +288,8 @@ def _fashion_mnist(data_dir, idx_dir, download):
   try:
     train, test, _ = _tfds_splits("fashion_mnist", data_dir, download=False)
     return "tfds:fashion_mnist", train, test
-  except Exception as e:  # noqa: BLE001 - any failure means "not prepared here"
-    tried.append(f"prepared TFDS data in data_dir={data_dir!r}: {type(e).__name__}")
+  except DataUnavailableError as e:
+    tried.append(f"prepared TFDS data: {getattr(e, 'cause', e)}")
   for label, directory in (("dataset.idx_dir", idx_dir), (f"${FASHION_MNIST_ENV}", os.environ.get(FASHION_MNIST_ENV)),
                            ("system path", SYSTEM_FASHION_MNIST_DIR)):
     if directory and idx_lib.has_idx_dataset(directory):
@@ -119,8 +300,8 @@ def _fashion_mnist(data_dir, idx_dir, download):
     try:
       train, test, _ = _tfds_splits("fashion_mnist", data_dir, download=True)
       return "tfds:fashion_mnist", train, test
-    except Exception as e:  # noqa: BLE001
-      tried.append(f"TFDS download: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    except DataUnavailableError as e:
+      tried.append(f"TFDS download: {getattr(e, 'cause', e)}")
   raise DataUnavailableError(
       "dataset fashion_mnist is not available. Provide it in one of three ways:\n"
       "  1. prepared TFDS data: set dataset.data_dir to a TFDS data directory holding fashion_mnist;\n"
@@ -154,6 +335,7 @@ class StreamSource(NamedTuple):
 
 
 def is_streamed(name: str) -> bool:
+  """Whether ``name`` (bare or ``tfds:``) is read through :class:`StreamingPipeline`."""
   return (name[5:] if name.startswith("tfds:") else name) in STREAMED
 
 
@@ -174,16 +356,9 @@ def open_stream(name: str, *, data_dir: str | None = None, synthetic: dict | Non
   if tfds_name not in STREAMED:
     raise ValueError(f"dataset {name!r} has no streaming source; allowed: {tuple(STREAMED)} and synthetic")
   info, key = STREAMED[tfds_name]
-  try:
-    import tensorflow_datasets as tfds
-    train = tfds.data_source(tfds_name, split="train", data_dir=data_dir, download=download)
-    test_split = "validation" if tfds_name.startswith("imagenet") else "test"
-    test = tfds.data_source(tfds_name, split=test_split, data_dir=data_dir, download=download)
-  except Exception as e:  # noqa: BLE001
-    raise DataUnavailableError(
-        f"TFDS dataset {tfds_name!r} is not prepared in data_dir={data_dir!r} and could not be downloaded "
-        f"({type(e).__name__}). Prepare it with TFDS (needs tensorflow: pip install 'qflax[tf]') "
-        "or point dataset.data_dir at a prepared copy.") from e
+  test_split = "validation" if tfds_name.startswith("imagenet") else "test"
+  sources = tfds_sources(tfds_name, ("train", test_split), data_dir, download)
+  train, test = sources["train"], sources[test_split]
   return StreamSource(tfds_name, f"tfds:{tfds_name}", train, test, info, key)
 
 
@@ -214,6 +389,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, idx_dir: str | None 
   Raises:
     ValueError: unknown name or bad options. DataUnavailableError: no source works.
   """
+  if not is_known_dataset(name):
+    raise ValueError(f"dataset {name!r} is unknown; allowed: {dataset_names()}")
   if name == "synthetic":
     opts = dict(synthetic or {})
     num_train, num_test = opts.pop("num_train", 2048), opts.pop("num_test", 512)
@@ -236,17 +413,11 @@ def load_dataset(name: str, *, data_dir: str | None = None, idx_dir: str | None 
     source = name
     train, test = (Split(*idx_lib.load_idx_split(directory, s)) for s in ("train", "test"))
     info = _info_for(name, train)
-  elif name.startswith("tfds:") or name in KNOWN:
+  elif name.startswith("tfds:") or name in KNOWN or name in STREAMED:
     tfds_name = name[5:] if name.startswith("tfds:") else name
     if tfds_name in STREAMED:
       raise ValueError(f"{tfds_name} is too large for memory; use qflax.data.StreamingPipeline")
-    try:
-      train, test, num_classes = _tfds_splits(tfds_name, data_dir, download)
-    except Exception as e:  # noqa: BLE001
-      raise DataUnavailableError(
-          f"TFDS dataset {tfds_name!r} is not prepared in data_dir={data_dir!r} and could not be downloaded "
-          f"({type(e).__name__}). Prepare it with TFDS (needs tensorflow: pip install 'qflax[tf]') "
-          "or point dataset.data_dir at a prepared copy.") from e
+    train, test, num_classes = _tfds_splits(tfds_name, data_dir, download)
     source = f"tfds:{tfds_name}"
     info = _info_for(tfds_name, train, num_classes)
   else:

@@ -1,7 +1,9 @@
 """Knowledge-distillation building blocks: losses, teacher selection, block swapping."""
 
+from qflax.distill.losses import accuracy
 from qflax.distill.losses import attention_map
 from qflax.distill.losses import attention_transfer_loss
+from qflax.distill.losses import cross_entropy
 from qflax.distill.losses import hint_loss
 from qflax.distill.losses import kd_kl
 from qflax.distill.losses import min_logit_ensemble

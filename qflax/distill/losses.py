@@ -1,9 +1,20 @@
-"""Distillation losses."""
+"""Classification and distillation losses."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """``mean_n -log softmax(z_n)[y_n]``: the task loss."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy: ``mean_n [argmax z_n = y_n]``."""
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
 def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:

@@ -1,9 +1,15 @@
-"""Training methods by name (see ``base.Method`` for the protocol)."""
+"""Training methods by name (see ``base`` for the protocol).
+
+Example:
+  >>> method = methods.create(config, methods.Task(num_classes=10, input_shape=(28, 28, 1), steps_per_epoch=468))
+  >>> state = jax.jit(method.init_state)(jax.random.key(0))
+"""
 
 from __future__ import annotations
 
 from qflax.methods.aao import AAO
-from qflax.methods.base import Method, Phase, TrainState, Variant
+from qflax.methods.base import (Method, MethodOptions, Phase, Start, Task, TrainState, Variant, VariantNetwork,
+                                apply_network)
 from qflax.methods.cmtkd import CMTKD
 from qflax.methods.progressive import Progressive
 from qflax.methods.qat import QAT, FullPrecision
@@ -24,4 +30,21 @@ def get_method(name: str) -> type[Method]:
   return _REGISTRY[name]
 
 
-__all__ = ["AAO", "CMTKD", "FullPrecision", "Method", "Phase", "Progressive", "QAT", "QKD", "TrainState", "TransformQuantization", "Variant", "get_method", "method_names"]
+def register(cls: type[Method]) -> type[Method]:
+  """Adds a method to the registry under ``cls.name`` (usable as a class decorator);
+  ``method.name=<name>`` then selects it from any config, with no change to the loop."""
+  if not isinstance(getattr(cls, "name", None), str) or not issubclass(cls, Method):
+    raise TypeError(f"{cls!r} is not a Method subclass with a name")
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def create(config, task: Task) -> Method:
+  """The method ``config.method.name`` with its options from ``config`` (validated)."""
+  cls = get_method(config.method.name)
+  return cls(cls.Options.from_config(config), task)
+
+
+__all__ = ["AAO", "CMTKD", "FullPrecision", "Method", "MethodOptions", "Phase", "Progressive", "QAT", "QKD", "Start",
+           "Task", "TrainState", "TransformQuantization", "Variant", "VariantNetwork", "apply_network", "create",
+           "get_method", "method_names", "register"]

@@ -1,4 +1,22 @@
-"""Optimizers and learning-rate schedules from the config."""
+"""Optimizers and learning-rate schedules from :class:`qflax.options.OptimizerSettings`.
+
+One parameter group's update, with learning rate ``lr(t)`` and multiplier ``m``::
+
+  kernels:                 w <- w - m lr(t) opt(g + wd w)        (adamw: decoupled wd)
+  activation clips (PACT): a <- a - m lr(t) r_in  opt(g + wd_clip a)
+  other quantizer scalars: s <- s - m lr(t) r opt(g)             r = r_in (inputs) or r_w (kernels)
+  biases, BatchNorm:       b <- b - m lr(t) opt(g)
+
+``wd`` is ``weight_decay``, ``wd_clip`` is ``clip_weight_decay`` (PACT's L2 penalty on
+its clip, Choi et al. 2018), ``r_in`` is ``quantizer_lr_multiplier`` and ``r_w`` is
+``weight_quantizer_lr_multiplier`` (QIL weight intervals need a smaller rate than
+activation intervals). Scaling an update is the same as scaling the learning rate for
+SGD, Adam and AdamW.
+
+Example:
+  >>> schedule = learning_rate_schedule(settings, total_steps=1000, steps_per_epoch=100)
+  >>> tx = make_optimizer(settings, schedule, multiplier=0.1)
+"""
 
 from __future__ import annotations
 
@@ -6,33 +24,39 @@ import flax
 import optax
 from flax import traverse_util
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+from qflax import nn as qnn
+from qflax.options import OptimizerSettings
+
+CLIP_PARAMS = ("input_alpha",)   # PACT's clip value
 
 
-def weight_decay_mask(params):
-  """True for convolution and dense kernels only (no biases, BatchNorm, quantizer scalars)."""
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+def _mask(predicate):
+  def mask(params):
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return traverse_util.unflatten_dict({k: predicate(k) for k in flat})
+  return mask
 
 
-def quantizer_mask(params):
-  """True for learnable quantizer scalars (``input_*`` and ``kernel_*`` parameters)."""
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return traverse_util.unflatten_dict({k: k[-1].startswith(("input_", "kernel_")) for k in flat})
+weight_decay_mask = _mask(lambda path: path[-1] == "kernel")
+clip_mask = _mask(lambda path: path[-1] in CLIP_PARAMS)
 
 
-def learning_rate_schedule(opt_config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+def quantizer_mask(role: str):
+  """True for the learnable scalars of the activation (``"input"``) or weight
+  (``"kernel"``) quantizers."""
+  return _mask(lambda path: qnn.quantizer_param(path) == role)
+
+
+def learning_rate_schedule(settings: OptimizerSettings, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   """``cosine`` (to 0), ``step`` (x0.1 at ``step_milestones`` fractions), or ``constant``,
   after ``warmup_epochs`` of linear warm-up."""
-  lr = opt_config.learning_rate
-  warmup = min(int(opt_config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  lr = settings.learning_rate
+  warmup = min(int(settings.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup, 1)
-  if opt_config.schedule == "cosine":
+  if settings.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps)
-  elif opt_config.schedule == "step":
-    main = optax.piecewise_constant_schedule(
-        lr, {int(f * decay_steps): 0.1 for f in opt_config.step_milestones})
+  elif settings.schedule == "step":
+    main = optax.piecewise_constant_schedule(lr, {int(f * decay_steps): 0.1 for f in settings.step_milestones})
   else:
     main = optax.constant_schedule(lr)
   if not warmup:
@@ -40,19 +64,26 @@ def learning_rate_schedule(opt_config, total_steps: int, steps_per_epoch: int) -
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optimizer of one phase; weight decay on kernels only, quantizer scalars at
-  ``quantizer_lr_multiplier`` times the learning rate."""
-  schedule = learning_rate_schedule(opt_config, total_steps, steps_per_epoch)
-  name = opt_config.name
-  if name == "sgd":
-    base = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, weight_decay_mask),
-                       optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov))
-  elif name == "adam":
-    base = optax.chain(optax.add_decayed_weights(opt_config.weight_decay, weight_decay_mask), optax.adam(schedule))
-  else:
-    base = optax.adamw(schedule, weight_decay=opt_config.weight_decay, mask=weight_decay_mask)
-  multiplier = opt_config.quantizer_lr_multiplier
-  if multiplier == 1.0:
-    return base
-  return optax.chain(base, optax.masked(optax.scale(multiplier), quantizer_mask))
+def _base(settings: OptimizerSettings, schedule) -> optax.GradientTransformation:
+  decay = optax.add_decayed_weights(settings.weight_decay, weight_decay_mask)
+  if settings.name == "sgd":
+    return optax.chain(decay, optax.sgd(schedule, momentum=settings.momentum or None, nesterov=settings.nesterov))
+  if settings.name == "adam":
+    return optax.chain(decay, optax.adam(schedule))
+  return optax.adamw(schedule, weight_decay=settings.weight_decay, mask=weight_decay_mask)
+
+
+def make_optimizer(settings: OptimizerSettings, schedule: optax.Schedule,
+                   multiplier: float = 1.0) -> optax.GradientTransformation:
+  """One parameter group's optimizer (see the module docstring)."""
+  parts = []
+  if settings.clip_weight_decay:
+    parts.append(optax.add_decayed_weights(settings.clip_weight_decay, clip_mask))
+  parts.append(_base(settings, schedule))
+  for role, rate in (("input", settings.quantizer_lr_multiplier),
+                     ("kernel", settings.kernel_quantizer_lr_multiplier)):
+    if rate != 1.0:
+      parts.append(optax.masked(optax.scale(rate), quantizer_mask(role)))
+  if multiplier != 1.0:
+    parts.append(optax.scale(multiplier))
+  return optax.chain(*parts)

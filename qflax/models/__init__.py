@@ -4,7 +4,7 @@ Example:
   >>> from qflax import models, nn as qnn
   >>> spec = models.QuantSpec(bit_set=(32, 4, 2), weight_quantizer="sat", act_quantizer="pact")
   >>> model = models.get_model("resnet20", num_classes=100, spec=spec)
-  >>> plan = qnn.uniform_plan(models.num_blocks(model), 4, spec.bit_set)
+  >>> plan = qnn.uniform_plan(model.num_blocks, 4, spec.bit_set)
   >>> variables = model.init(key, x, plan)
 """
 
@@ -14,16 +14,16 @@ import functools
 from typing import Callable
 
 from qflax.models.common import FIRST_LAST, Network, QuantSpec, count_macs, count_params
-from qflax.models.convnet import ConvNet
-from qflax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTING, MobileNetV2
+from qflax.models.convnet import ConvNet, convnet
+from qflax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from qflax.models.resnet import ResNet, cifar_resnet, imagenet_resnet, temporal_shift
 
 _REGISTRY: dict[str, Callable[..., Network]] = {
     **{f"resnet{d}": functools.partial(cifar_resnet, d) for d in (8, 20, 32, 56)},
     **{f"preact_resnet{d}": functools.partial(cifar_resnet, d, preact=True) for d in (8, 20, 32, 56)},
     **{f"resnet{d}": functools.partial(imagenet_resnet, d) for d in (18, 34, 50)},
-    "mobilenet_v2": lambda num_classes, spec=QuantSpec(), **kw: MobileNetV2(num_classes, spec, **kw),
-    "convnet": lambda num_classes, spec=QuantSpec(), **kw: ConvNet(num_classes, spec, **kw),
+    "mobilenet_v2": mobilenet_v2,
+    "convnet": convnet,
     **{f"tsm_resnet{d}": functools.partial(cifar_resnet, d, num_frames=8) for d in (8, 20)},
     **{f"tsm_resnet{d}": functools.partial(imagenet_resnet, d, num_frames=8) for d in (18, 50)},
 }
@@ -35,7 +35,8 @@ def model_names() -> tuple[str, ...]:
 
 def get_model(name: str, num_classes: int, spec: QuantSpec = QuantSpec(), **options) -> Network:
   """A registered model by name; ``options`` are the builder's keyword arguments
-  (``width``, ``num_frames``, ``cifar_stem``, ``widths``)."""
+  (``width``, ``num_frames``, ``cifar_stem``, ``widths``, ``head_type``); bad values
+  raise ``ValueError`` here, before any initialisation."""
   if name not in _REGISTRY:
     raise ValueError(f"model {name!r} is unknown; allowed: {model_names()}")
   if not isinstance(num_classes, int) or num_classes < 1:
@@ -46,17 +47,5 @@ def get_model(name: str, num_classes: int, spec: QuantSpec = QuantSpec(), **opti
     raise ValueError(f"bad options for model {name!r}: {e}") from None
 
 
-def num_blocks(model: Network) -> int:
-  """Length of the precision plan the model takes."""
-  if isinstance(model, ResNet):
-    return sum(model.stage_sizes)
-  if isinstance(model, MobileNetV2):
-    return sum(n for _, _, n, _ in INVERTED_RESIDUAL_SETTING)
-  if isinstance(model, ConvNet):
-    return len(model.widths)
-  raise TypeError(f"unknown model type {type(model).__name__}")
-
-
 __all__ = ["ConvNet", "FIRST_LAST", "MobileNetV2", "Network", "QuantSpec", "ResNet", "cifar_resnet",
-           "count_macs", "count_params", "get_model", "imagenet_resnet", "model_names", "num_blocks",
-           "temporal_shift"]
+           "count_macs", "count_params", "get_model", "imagenet_resnet", "model_names", "temporal_shift"]

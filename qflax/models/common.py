@@ -59,10 +59,16 @@ class QuantSpec:
   def bn(self, name=None) -> qnn.SwitchableBatchNorm:
     return qnn.SwitchableBatchNorm(self.num_slots, name=name)
 
-  def fixed_layer_settings(self):
-    """``(layer kwargs, precision)`` for the first conv and the classifier."""
+  def fixed_layer_settings(self, role: str = "stem"):
+    """``(layer kwargs, precision)`` for the first conv (``role="stem"``) or the classifier.
+
+    At ``int8`` the stem's input (normalised images) is signed, while the classifier's
+    (pooled ReLU features) is non-negative, so it takes the unsigned quantizer: all 256
+    codes on ``[0, max]`` instead of 128 of a signed grid.
+    """
     if self.first_last == "int8":
-      return dict(weight_quantizer="uniform", act_quantizer="uniform", bit_set=(8,)), FIXED_INT8
+      act = "uniform_unsigned" if role == "classifier" else "uniform"
+      return dict(weight_quantizer="uniform", act_quantizer=act, bit_set=(8,)), FIXED_INT8
     return dict(weight_quantizer="none", act_quantizer="none", bit_set=(32,)), FULL_PRECISION
 
 
@@ -78,6 +84,24 @@ class Network(nn.Module):
     >>> h = model.apply(v, h, plan, 0, 3, train=False, method=model.run_blocks)
     >>> logits = model.apply(v, h, plan, train=False, method=model.head)
   """
+
+  def block_layout(self) -> tuple[tuple[int, int], ...]:
+    """Per block, ``(output channels, stride)`` (pooling counts as a stride), from the
+    module's fields alone, so it is known before ``init``."""
+    raise NotImplementedError
+
+  @property
+  def num_blocks(self) -> int:
+    """Length of the precision plan the model takes."""
+    return len(self.block_layout())
+
+  @property
+  def stage_ends(self) -> tuple[int, ...]:
+    """Block counts after which a stage (a run of blocks with one output shape) ends,
+    all but the last stage's: the default fusion and hint points of the KD methods."""
+    layout = self.block_layout()
+    return tuple(i for i in range(1, len(layout))
+                 if layout[i][0] != layout[i - 1][0] or layout[i][1] != 1)
 
   def check_plan(self, plan: qnn.PrecisionPlan):
     if plan.num_blocks != len(self.blocks):
@@ -104,12 +128,12 @@ def count_params(params) -> int:
   """Parameters of one precision: weights, biases, one BatchNorm slot.
 
   Stacked per-bit-width BatchNorm parameters count once; quantizer scalars
-  (``input_*``, ``kernel_*``) are not counted.
+  (:func:`qflax.nn.quantizer_param`) are not counted.
   """
   total = 0
   for path, value in traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
     name = path[-1]
-    if name.startswith(("input_", "kernel_")):
+    if qnn.quantizer_param(path):
       continue
     if name in ("scale", "bias") and value.ndim == 2:   # SwitchableBatchNorm (slots, C)
       total += value.shape[1]
@@ -122,6 +146,19 @@ def count_macs(model: Network, variables, x, plan) -> int:
   """Multiply-accumulates per example of the convolutions and dense layers."""
   _, state = model.apply(variables, x[:1], plan, train=False, mutable=[qnn.FLOPS])
   return int(sum(jax.tree_util.tree_leaves(state[qnn.FLOPS])))
+
+
+def positive_int(name: str, value) -> int:
+  """Checks a model option that must be a positive integer (a builder's argument)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive integer")
+  return int(value)
+
+
+def positive_number(name: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value <= 0:
+    raise ValueError(f"{name}={value!r} must be a finite number > 0")
+  return float(value)
 
 
 def global_avg_pool(h):

@@ -7,7 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from qflax import nn as qnn
-from qflax.models.common import Network, QuantSpec, global_avg_pool
+from qflax.models.common import Network, QuantSpec, global_avg_pool, positive_int
 
 
 class ConvBlock(nn.Module):
@@ -34,6 +34,9 @@ class ConvNet(Network):
   widths: Sequence[int] = (32, 64, 128)
   head_type: str = "flatten"
 
+  def block_layout(self):
+    return tuple((w, 2 if i < 2 else 1) for i, w in enumerate(self.widths))
+
   def setup(self):
     if self.head_type not in HEADS:
       raise ValueError(f"head_type={self.head_type!r} is unknown; allowed: {HEADS}")
@@ -41,7 +44,7 @@ class ConvNet(Network):
     self.stem_conv = qnn.QuantConv(self.widths[0], (3, 3), **fixed)
     self.stem_bn = qnn.SwitchableBatchNorm(1)
     self.blocks = [ConvBlock(w, i < 2, self.spec) for i, w in enumerate(self.widths)]
-    self.classifier = qnn.QuantDense(self.num_classes, **fixed)
+    self.classifier = qnn.QuantDense(self.num_classes, **self.spec.fixed_layer_settings("classifier")[0])
 
   def stem(self, x, train: bool = False):
     return nn.relu(self.stem_bn(self.stem_conv(x, self.fixed_precision), 0, not train))
@@ -49,3 +52,13 @@ class ConvNet(Network):
   def head(self, h, plan: qnn.PrecisionPlan, train: bool = False):
     features = h.reshape(h.shape[0], -1) if self.head_type == "flatten" else global_avg_pool(h)
     return self.classifier(features, self.fixed_precision)
+
+
+def convnet(num_classes: int, spec: QuantSpec = QuantSpec(), *, widths=(32, 64, 128), head_type: str = "flatten"):
+  """A :class:`ConvNet`, its options checked (``widths``: positive channel counts)."""
+  if isinstance(widths, (str, bytes)) or not isinstance(widths, (tuple, list)) or not widths:
+    raise ValueError(f"widths={widths!r} must be a non-empty tuple of channel counts")
+  widths = tuple(positive_int("widths entry", w) for w in widths)
+  if head_type not in HEADS:
+    raise ValueError(f"head_type={head_type!r} is unknown; allowed: {HEADS}")
+  return ConvNet(num_classes, spec, widths, head_type)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qflax import nn as qnn
-from qflax.models.common import Network, QuantSpec, global_avg_pool
+from qflax.models.common import Network, QuantSpec, global_avg_pool, positive_int, positive_number
 
 
 def temporal_shift(x, num_frames: int, fold_div: int = 8):
@@ -118,6 +118,12 @@ class ResNet(Network):
   imagenet_stem: bool = False
   num_frames: int = 0
 
+  def block_layout(self):
+    expansion = 4 if self.block == "bottleneck" else 1
+    return tuple((features * expansion, 2 if stage > 0 and i == 0 else 1)
+                 for stage, (size, features) in enumerate(zip(self.stage_sizes, self.stage_widths))
+                 for i in range(size))
+
   def setup(self):
     if self.block not in BLOCKS:
       raise ValueError(f"block={self.block!r} is unknown; allowed: {tuple(BLOCKS)}")
@@ -135,7 +141,7 @@ class ResNet(Network):
         blocks.append(BLOCKS[self.block](features, strides, self.spec, self.num_frames))
     self.blocks = blocks
     self.final_bn = self.spec.bn() if self.block == "preact" else None
-    self.classifier = qnn.QuantDense(self.num_classes, **fixed)
+    self.classifier = qnn.QuantDense(self.num_classes, **self.spec.fixed_layer_settings("classifier")[0])
 
   def stem(self, x, train: bool = False):
     if self.num_frames:
@@ -156,13 +162,19 @@ class ResNet(Network):
     return logits
 
 
+def _frames(num_frames) -> int:
+  return 0 if num_frames == 0 and not isinstance(num_frames, bool) else positive_int("num_frames", num_frames)
+
+
 def cifar_resnet(depth: int, num_classes: int, spec: QuantSpec = QuantSpec(), *, preact: bool = False,
                  width: float = 1.0, num_frames: int = 0) -> ResNet:
   """CIFAR ResNet-(6n+2): three stages of n blocks, widths 16/32/64 x ``width``."""
-  if (depth - 2) % 6:
-    raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+  if (depth - 2) % 6 or depth < 8:
+    raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
   n = (depth - 2) // 6
-  widths = tuple(int(round(w * width)) for w in (16, 32, 64))
+  width = positive_number("width", width)
+  widths = tuple(max(int(round(w * width)), 1) for w in (16, 32, 64))
+  num_frames = _frames(num_frames)
   return ResNet((n, n, n), widths, num_classes, spec, "preact" if preact else "basic", False, num_frames)
 
 
@@ -173,4 +185,5 @@ def imagenet_resnet(depth: int, num_classes: int, spec: QuantSpec = QuantSpec(),
   if depth not in layouts:
     raise ValueError(f"ImageNet ResNet depth must be one of {tuple(layouts)}, got {depth}")
   sizes, block = layouts[depth]
+  num_frames = _frames(num_frames)
   return ResNet(sizes, (64, 128, 256, 512), num_classes, spec, block, True, num_frames)

@@ -16,6 +16,7 @@ from qflax.nn._src.calibration import calibrate
 from qflax.nn._src.layers import CALIBRATION
 from qflax.nn._src.layers import EXPORT
 from qflax.nn._src.layers import FLOPS
+from qflax.nn._src.layers import QUANT_STATS
 from qflax.nn._src.layers import QuantConv
 from qflax.nn._src.layers import conv_padding
 from qflax.nn._src.layers import QuantDense
@@ -23,6 +24,8 @@ from qflax.nn._src.layers import export_kernel
 from qflax.nn._src.layers import exported_bytes
 from qflax.nn._src.layers import exported_kernel_params
 from qflax.nn._src.layers import quantize_operands
+from qflax.nn._src.layers import quantizer_param
+from qflax.nn._src.layers import quantizer_statistics
 from qflax.nn._src.precision import BlockPrecision
 from qflax.nn._src.precision import PrecisionPlan
 from qflax.nn._src.precision import check_bit_set

@@ -5,6 +5,7 @@ from qflax.train.checkpoint import Checkpoints
 from qflax.train.config import ConfigError
 from qflax.train.config import default_config
 from qflax.train.config import load_config_file
+from qflax.train.config import load
 from qflax.train.config import validate
 from qflax.train.loop import NonFiniteLossError
 from qflax.train.loop import TrainingInterrupted
@@ -13,5 +14,5 @@ from qflax.train.loop import train_and_evaluate
 
 run = train_and_evaluate
 
-__all__ = ["CheckpointError", "Checkpoints", "ConfigError", "NonFiniteLossError", "TrainingInterrupted", "default_config", "load_config_file",
+__all__ = ["CheckpointError", "Checkpoints", "ConfigError", "NonFiniteLossError", "TrainingInterrupted", "default_config", "load", "load_config_file",
            "make_mesh", "run", "train_and_evaluate", "validate"]

@@ -1,12 +1,20 @@
-"""Checkpoints with Orbax: the latest two and the best, resumable, never silently replaced."""
+"""Checkpoints with Orbax (the latest two and the best, verified on restore), the checks
+of a workdir before a run resumes in it, and of the runs a method starts from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+from qflax.methods.base import Start
+from qflax.options import ConfigError
 
 # Fields that may change between a run and its resumption (they do not change
 # what is computed); any other difference makes resuming an error.
@@ -32,8 +40,15 @@ def _flatten(d, prefix=""):
 def check_resumable(config_path: str, config_dict: dict) -> None:
   """Raises if ``config_path`` (the config a workdir was started with) differs from
   ``config_dict`` in a field that changes the computation."""
-  with open(config_path) as f:
-    saved = _flatten(json.load(f))
+  try:
+    with open(config_path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not an object")
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{config_path} is damaged or not JSON ({type(e).__name__}); the workdir was left as it "
+                          "is: restore the file or choose another --workdir") from None
+  saved = _flatten(saved)
   now = _flatten(json.loads(json.dumps(config_dict)))
   differences = [k for k in sorted(set(saved) | set(now))
                  if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
@@ -44,59 +59,246 @@ def check_resumable(config_path: str, config_dict: dict) -> None:
         "resume it with its own config, or choose another --workdir")
 
 
-class Checkpoints:
-  """``<workdir>/checkpoints/latest`` keeps the last two, ``.../best`` the best one."""
+def check_start(start: Start) -> None:
+  """Checks, before any compute, that ``start.workdir`` holds a finished ``fp`` run of
+  ``start.model`` with a checkpoint; raises :class:`ConfigError` naming ``start.field``."""
+  def fail(why):
+    raise ConfigError(f"config field {start.field}={start.workdir!r} is invalid: {why}; allowed: the --workdir of "
+                      f"an fp run of model {start.model.name!r} (python launch.py --config configs/... "
+                      "--config.method.name=fp)")
+  config_path = os.path.join(start.workdir, "config.json")
+  if not os.path.isfile(config_path):
+    fail(f"{config_path} does not exist")
+  try:
+    with open(config_path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    fail(f"{config_path} is not readable JSON ({type(e).__name__})")
+  if not isinstance(saved, dict) or not isinstance(saved.get("method"), dict) or not isinstance(
+      saved.get("model"), dict):
+    fail(f"{config_path} is not a qflax run config")
+  if saved["method"].get("name") != "fp":
+    fail(f"it holds a {saved['method'].get('name')!r} run, not fp")
+  if saved["model"].get("name") != start.model.name:
+    fail(f"it holds model {saved['model'].get('name')!r}")
+  wanted = json.loads(json.dumps(start.model.options))
+  if saved["model"].get("options", {}) != wanted:
+    fail(f"its model options {saved['model'].get('options')} differ from {wanted}")
+  if Checkpoints(start.workdir).latest_step() is None:
+    fail(f"{os.path.join(start.workdir, 'checkpoints')} holds no checkpoint")
+
+
+def start_variables(start: Start) -> dict:
+  """``{"params", "batch_stats"}`` of the network an ``fp`` run trained (its final state)."""
+  source = Checkpoints(start.workdir)
+  try:
+    arrays, _ = source.restore_arrays()
+  finally:
+    source.close()
+  first = lambda a: np.asarray(a)[0]     # an fp run is a qat run with one replica
+  return {"params": jax.tree_util.tree_map(first, arrays["params"]["model"]),
+          "batch_stats": jax.tree_util.tree_map(first, (arrays.get("batch_stats") or {}).get("model", {}))}
+
+
+TASK_FILE = "task.json"
+LOCK_FILE = ".lock"
+
+
+def write_task(workdir: str, task, info, fingerprint: str) -> None:
+  """``task.json``: what a loaded run needs of its data (classes, input shape,
+  normalisation) and a fingerprint of the training split, checked on resume."""
+  with open(os.path.join(workdir, TASK_FILE), "w") as f:
+    json.dump({"num_classes": task.num_classes, "input_shape": list(task.input_shape),
+               "steps_per_epoch": task.steps_per_epoch, "mean": list(info.mean), "std": list(info.std),
+               "data_fingerprint": fingerprint}, f, indent=2)
+
+
+def check_same_data(workdir: str, fingerprint: str) -> None:
+  """A resumed run must see the data it started with (``dataset.idx_dir`` or
+  ``data_dir`` may move, the data may not change)."""
+  path = os.path.join(workdir, TASK_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f).get("data_fingerprint")
+  except (OSError, ValueError, AttributeError):
+    raise CheckpointError(f"{path} is missing or damaged; resume with the workdir as it was written") from None
+  if saved != fingerprint:
+    raise CheckpointError(f"the training data differ from those the run in {workdir} started with "
+                          "(another dataset, split size or files); resume it with its own data, or choose another "
+                          "--workdir")
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the life of a run (``fcntl.flock`` on
+  ``<workdir>/.lock``): a second run in the same workdir fails at once."""
 
   def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._file = None
+
+  def __enter__(self):
+    import fcntl
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise CheckpointError(f"workdir {os.path.dirname(self.path)} is in use by another run ({holder}); wait for "
+                            "it to finish or choose another --workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()}")
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    import fcntl
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+def state_digest(tree) -> str:
+  """A SHA-256 of every array in ``tree`` (dtype, shape, bytes), independent of how the
+  tree is nested, so a checkpoint restored with or without a target structure checks
+  against the digest recorded when it was saved."""
+  leaves = []
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:   # replicated over processes
+      leaf = leaf.addressable_data(0)
+    array = np.ascontiguousarray(np.asarray(leaf))
+    leaves.append(hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).digest())
+  return hashlib.sha256(b"".join(sorted(leaves))).hexdigest()
+
+
+_META_TYPES = {"best_accuracy": (int, float), "best_step": (int, type(None)), "train_seconds": (int, float),
+               "images_per_second": (int, float), "phase_accuracy": dict, "digest": str}
+
+
+class Checkpoints:
+  """``<workdir>/checkpoints/<step>``: the latest ``keep`` steps and the best evaluated one,
+  through one Orbax ``CheckpointManager`` (preservation: ``LatestN`` or ``BestN`` by the
+  mean evaluation accuracy). Every save records a digest of the state in its metadata;
+  :meth:`restore` verifies it and, when the newest checkpoint is damaged, moves it to
+  ``checkpoints/damaged/`` and falls back to the previous good one. Nothing is written
+  before the first save.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 2, warn=print):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.latest = ocp.CheckpointManager(os.path.join(self.directory, "latest"),
-                                        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-    self.best = ocp.CheckpointManager(os.path.join(self.directory, "best"),
-                                      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    self.keep, self.warn = keep, warn
+    self._manager = None
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      policy = cm.AnyPreservationPolicy([cm.LatestN(self.keep), cm.BestN(
+          get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False)])
+      self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          preservation_policy=policy, create=True, cleanup_tmp_directories=True))
+    return self._manager
+
+  def exists(self) -> bool:
+    return os.path.isdir(self.directory)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps()) if self.exists() else []
 
   def latest_step(self) -> int | None:
-    return self.latest.latest_step()
+    steps = self.steps()
+    return steps[-1] if steps else None
 
-  def save(self, step: int, state: Any, meta: dict, *, best: bool = False):
+  def save(self, step: int, state: Any, meta: dict, *, accuracy: float | None = None):
+    """Saves ``state`` and ``meta`` (with the state's digest) as ``step``; ``accuracy``
+    (an evaluation's mean) makes it a candidate for the best checkpoint."""
+    if step in self.steps():
+      return
+    meta = {**meta, "digest": state_digest(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    managers = (self.latest, self.best) if best else (self.latest,)
-    for manager in managers:
-      if manager.latest_step() != step:
-        manager.save(step, args=args, force=True)
-
-  def restore_arrays(self, step: int | None = None, *, best: bool = False) -> tuple[Any, dict]:
-    """A checkpoint as plain arrays (no target structure needed): ``(state tree, meta)``."""
-    manager = self.best if best else self.latest
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no {'best' if best else 'latest'} checkpoint in {self.directory}")
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001
-      raise self._error(step, e) from e
-    return restored["state"], restored["meta"]
+      self.manager.save(step, args=args, force=True, metrics=None if accuracy is None else {"accuracy": accuracy})
+    except Exception as e:  # noqa: BLE001 - disk full, permissions: one line, the earlier steps stay
+      raise self._write_error(step, e) from None
+
+  def _write_error(self, step, cause):
+    return CheckpointError(f"could not write checkpoint {os.path.join(self.directory, str(step))} "
+                           f"({type(cause).__name__}: {_first_line(cause)}); the earlier checkpoints are kept")
+
+  def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
+    """A checkpoint as plain arrays (no target structure needed): ``(state tree, meta)``."""
+    return self._restore(step, ocp.args.StandardRestore())
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-    try:
-      restored = self.latest.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001
-      raise self._error(step, e) from e
-    return restored["state"], restored["meta"]
+    """``step`` into the structure of ``target``; a damaged ``step`` raises."""
+    return self._restore(step, ocp.args.StandardRestore(target))
 
-  def _error(self, step, cause):
-    path = os.path.join(self.directory, "latest", str(step))
-    return CheckpointError(
-        f"checkpoint {path} is corrupt or does not match this run's model "
-        f"({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}). It was left as it is: "
-        "move it away to start again, or resume with the config that wrote it")
+  def restore_latest_good(self, target_for) -> tuple[int, Any, dict]:
+    """The newest checkpoint that verifies, restored into ``target_for(step)``:
+    ``(step, state, meta)``. Damaged newer ones
+    are moved to ``checkpoints/damaged/<step>`` (kept, never deleted) with a warning;
+    if none verifies, :class:`CheckpointError`."""
+    errors = []
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(step, target_for(step))
+      except CheckpointError as e:
+        errors.append(e)
+        continue
+      for e in errors:
+        self.warn(f"warning: {e}; resuming from step {step} instead")
+      self._quarantine(errors)
+      return step, state, meta
+    if errors:
+      raise errors[0]
+    raise CheckpointError(f"no checkpoint in {self.directory}")
+
+  def _quarantine(self, errors):
+    for e in errors:
+      source = os.path.join(self.directory, str(e.step))
+      target = os.path.join(self.directory, "damaged", str(e.step))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(source, target if not os.path.exists(target) else f"{target}.{os.getpid()}")
+    if errors:
+      self._manager.reload()
+
+  def _restore(self, step, state_args) -> tuple[Any, dict]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise self._error(step, f"{type(e).__name__}: {_first_line(e)}") from None
+    meta = restored["meta"]
+    bad = [k for k, types in _META_TYPES.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), types)]
+    if bad:
+      raise self._error(step, f"its metadata has no valid {', '.join(bad)}")
+    if state_digest(restored["state"]) != meta["digest"]:
+      raise self._error(step, "its arrays do not match the digest recorded when it was saved")
+    return restored["state"], meta
+
+  def _error(self, step, why):
+    error = CheckpointError(
+        f"checkpoint {os.path.join(self.directory, str(step))} is damaged or does not match this run ({why}). "
+        "It was left as it is: move it away to start again, or resume with the config that wrote it")
+    error.step = step
+    return error
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    if self._manager is not None:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001
+        raise self._write_error(self.latest_step(), e) from None
 
   def close(self):
-    self.wait()
-    self.latest.close()
-    self.best.close()
+    if self._manager is not None:
+      self.wait()
+      self._manager.close()
+      self._manager = None
+
+
+def _first_line(error) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else ""

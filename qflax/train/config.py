@@ -1,60 +1,134 @@
-"""Shared config fields, their defaults, and validation before any compute.
+"""The config a run reads: defaults, loading config files, validation before any compute.
 
-Every field gets one clear error naming it and the allowed values
-(:class:`ConfigError`). Method-specific fields live under ``method.*`` and are
-checked by the method's ``validate_config``.
+A config is an ``ml_collections.ConfigDict`` with three kinds of fields: the run
+settings every method reads (:class:`qflax.options.RunSettings`: ``bits``,
+``num_epochs``, ``seed``, ``model.*``, ``quant.*``, ``optimizer.*``), the method's own
+``method.*`` (its options dataclass), and the loop's (:class:`LoopSettings`:
+``dataset.*``, ``batch_size``, checkpoint and logging intervals, devices).
+:func:`load` turns a config into these frozen, validated settings; any unknown or
+bad field is one :class:`ConfigError` naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import numbers
 import os
+from typing import NamedTuple
 
 import jax
 import ml_collections
 
-from qflax import data, methods, models, quant
-from qflax.methods import optim
-from qflax.methods.common import BIT_AXIS_MODES
+from qflax import data, methods, options
+from qflax.methods.base import MethodOptions
+from qflax.options import ConfigError, RunSettings, Settings
+from qflax.train.checkpoint import check_start
+
+__all__ = ["Config", "ConfigError", "DatasetSettings", "LoopSettings", "default_config", "load", "load_config_file",
+           "validate"]
 
 
-class ConfigError(ValueError):
-  """A config field has a bad value."""
+def _dataset_name(value):
+  if not isinstance(value, str) or not data.is_known_dataset(value):
+    raise ValueError
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSettings(Settings):
+  section = "dataset.synthetic"
+  num_train: int = options.integer(2048, 1)
+  num_test: int = options.integer(512, 1)
+  image_size: int = options.integer(32, 1)
+  channels: int = options.integer(3, 1)
+  num_classes: int = options.integer(10, 2)
+  num_frames: int = options.integer(0, doc="> 0: clips of this many frames")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSettings(Settings):
+  section = "dataset"
+  name: str = dataclasses.field(default="cifar100", metadata={
+      "check": options.Check(_dataset_name, str(data.dataset_names())), "doc": "dataset name"})
+  data_dir: str = options.text("", doc="TFDS data directory")
+  idx_dir: str = options.text("", doc="IDX files for fashion_mnist")
+  train_limit: int = options.integer(0, allowed="0 (all) or a positive integer")
+  eval_limit: int = options.integer(0, allowed="0 (all) or a positive integer")
+  download: bool = options.boolean(True, doc="allow a TFDS download as the last resort")
+  stream: bool = options.boolean(False, doc="stream through the host pipeline (large datasets always do)")
+  image_size: int = options.integer(224, 1, doc="streamed: training crop / evaluation centre crop")
+  resize_size: int = options.integer(256, 1, doc="streamed evaluation: shorter side before the crop")
+  num_frames: int = options.integer(0, allowed="0 (images) or a positive integer", doc="video: frames per clip")
+  num_workers: int = options.integer(8, 1, doc="streaming host threads")
+  synthetic: SyntheticSettings = options.nested(SyntheticSettings)
+
+  @property
+  def streamed(self) -> bool:
+    return self.stream or data.is_streamed(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings(Settings):
+  """The top-level fields the loop reads."""
+  dataset: DatasetSettings = options.nested(DatasetSettings)
+  batch_size: int = options.integer(128, 1, doc="global batch size")
+  eval_batch_size: int = options.integer(0, allowed="0 (same as batch_size) or a positive integer")
+  checkpoint_every_steps: int = options.integer(1000, 1)
+  log_every_steps: int = options.integer(50, 1)
+  eval_every_epochs: int = options.integer(1, 1)
+  num_devices: int = options.integer(0, allowed="0 (every local device) or a device count")
+  distributed: bool = options.boolean(False, doc="call jax.distributed.initialize() first (multi-host)")
+
+  def check(self):
+    available = jax.device_count()
+    if self.num_devices > available:
+      self.fail("num_devices", f"0 (all) or 1..{available}")
+    devices = self.devices
+    if self.batch_size % devices:
+      self.fail("batch_size", f"a multiple of the device count ({devices})")
+    if self.eval_batch_size % devices:
+      self.fail("eval_batch_size", f"0 or a multiple of the device count ({devices})")
+
+  @property
+  def devices(self) -> int:
+    return self.num_devices or jax.device_count()
+
+  @property
+  def eval_batch(self) -> int:
+    return self.eval_batch_size or self.batch_size
+
+
+class Config(NamedTuple):
+  """A validated config: the method's options (with the run settings) and the loop's."""
+  method: MethodOptions
+  loop: LoopSettings
+  method_name: str
+
+  @property
+  def run(self) -> RunSettings:
+    return self.method.run
+
+
+def _to_config_dict(value):
+  if isinstance(value, dict):
+    return ml_collections.ConfigDict({k: _to_config_dict(v) for k, v in value.items()})
+  return value
+
+
+def _defaults(cls) -> dict:
+  out = {}
+  for f in cls.declared():
+    sub = f.metadata.get("nested")
+    out[f.name] = _defaults(sub) if sub is not None else (
+        f.default if f.default is not dataclasses.MISSING else f.default_factory())
+  return out
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The shared fields with their defaults; config files start from this."""
-  c = ml_collections.ConfigDict()
-  # bit_axis: how per-bit-width computations run in one step: "loop" (unrolled), "vmap",
-  # or "auto" (loop on CPU, vmap on GPU/TPU: the faster of the two in BENCHMARKS.md).
+  """The shared fields with their defaults (from the settings dataclasses); config
+  files start from this and add ``method.*`` fields."""
+  c = _to_config_dict({**_defaults(RunSettings), **_defaults(LoopSettings)})
   c.method = ml_collections.ConfigDict({"name": "qat", "bit_axis": "auto"})
-  c.model = ml_collections.ConfigDict({"name": "resnet20", "options": ml_collections.ConfigDict()})
-  c.dataset = ml_collections.ConfigDict({
-      "name": "cifar100", "data_dir": "", "idx_dir": "", "train_limit": 0, "eval_limit": 0, "download": True,
-      # Streaming (large datasets, or stream=True): host transforms to image_size
-      # (evaluation: resize the shorter side to resize_size, centre crop); clips of
-      # num_frames consecutive frames for video.
-      "stream": False, "image_size": 224, "resize_size": 256, "num_frames": 0, "num_workers": 8,
-      "synthetic": ml_collections.ConfigDict({"num_train": 2048, "num_test": 512, "image_size": 32,
-                                              "channels": 3, "num_classes": 10, "num_frames": 0})})
-  c.bits = (4,)
-  c.num_epochs = 200
-  c.batch_size = 128
-  c.eval_batch_size = 0          # 0: same as batch_size
-  c.seed = 0
-  c.quant = ml_collections.ConfigDict({
-      "weight_quantizer": "sat", "act_quantizer": "pact", "signed_act_quantizer": "lsq_signed",
-      "first_last": "fp", "act_param_init": ml_collections.ConfigDict(), "calibrate_batches": 0})
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-      "schedule": "cosine", "warmup_epochs": 0.0, "step_milestones": (0.5, 0.75),
-      "quantizer_lr_multiplier": 1.0})
-  c.checkpoint_every_steps = 1000
-  c.log_every_steps = 50
-  c.eval_every_epochs = 1
-  c.num_devices = 0              # 0: every local device
-  c.distributed = False          # call jax.distributed.initialize() first (multi-host)
   return c
 
 
@@ -68,103 +142,44 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _fail(field, value, allowed):
-  raise ConfigError(f"config field {field}={value!r} is invalid; allowed: {allowed}")
+def load(config) -> Config:
+  """Validates every field of ``config`` and returns the frozen settings.
+
+  Raises:
+    ConfigError: naming the first bad or unknown field and the allowed values.
+  """
+  if "method" not in config or "name" not in config.method:
+    raise ConfigError("config field method.name is missing; allowed: " + str(methods.method_names()))
+  name = config.method.name
+  if name not in methods.method_names():
+    options.invalid("method.name", name, str(methods.method_names()))
+  run_fields = [f.name for f in RunSettings.declared()]
+  loop_fields = [f.name for f in LoopSettings.declared()]
+  unknown = sorted(set(config.keys()) - set(run_fields) - set(loop_fields) - {"method"})
+  if unknown:
+    raise ConfigError(options.unknown_fields_message("", unknown, run_fields + loop_fields + ["method"]))
+  loop = LoopSettings.from_node({k: config[k] for k in loop_fields if k in config})
+  method_options = methods.get_method(name).Options.from_config(config)
+  model_frames = method_options.run.model.options.get("num_frames", 0)
+  if model_frames and loop.dataset.num_frames and model_frames != loop.dataset.num_frames:
+    options.invalid("dataset.num_frames", loop.dataset.num_frames, f"the model's num_frames ({model_frames})")
+  return Config(method_options, loop, name)
 
 
-def _int(config, field, minimum, allowed=None):
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    _fail(field, value, allowed or f"an integer >= {minimum}")
-  return int(value)
+def validate(config) -> Config:
+  """:func:`load`, then checks that every run the method starts from (``options.starts``)
+  is a finished ``fp`` run of the right model: everything a run needs before compute."""
+  settings = load(config)
+  for start in settings.method.starts:
+    check_start(start)
+  return settings
 
 
-def _number(config, field, minimum, allowed=None, strict=False):
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < minimum or (strict and value == minimum):
-    _fail(field, value, allowed or f"a number {'>' if strict else '>='} {minimum}")
-  return float(value)
-
-
-def _choice(config, field, allowed):
-  value = _get(config, field)
-  if value not in allowed:
-    _fail(field, value, tuple(allowed))
-  return value
-
-
-def _get(config, field):
-  node = config
-  for part in field.split("."):
-    if part not in node:
-      raise ConfigError(f"config field {field} is missing")
-    node = node[part]
-  return node
-
-
-def num_devices(config) -> int:
-  return config.num_devices or jax.device_count()
-
-
-def validate(config) -> None:
-  """Checks every shared field (and the method's own); raises :class:`ConfigError`."""
-  method_cls = methods.get_method(_choice(config, "method.name", methods.method_names()))
-  _choice(config, "method.bit_axis", BIT_AXIS_MODES)
-  _choice(config, "model.name", models.model_names())
-  name = _get(config, "dataset.name")
-  if not (name in data.KNOWN or name == "synthetic" or name.startswith(("tfds:", "idx:"))):
-    _fail("dataset.name", name, data.dataset_names())
-  bits = _get(config, "bits")
-  if not isinstance(bits, (tuple, list)) or not bits:
-    _fail("bits", bits, "a non-empty tuple of bit-widths, each 1..8 or 32")
-  for b in bits:
-    if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not (1 <= b <= 8 or b == 32):
-      _fail("bits", tuple(bits), "bit-widths 1..8 and 32")
-  if len(set(bits)) != len(bits):
-    _fail("bits", tuple(bits), "distinct bit-widths")
-  _int(config, "num_epochs", 1)
-  batch = _int(config, "batch_size", 1)
-  _int(config, "eval_batch_size", 0, "0 (same as batch_size) or a positive integer")
-  _int(config, "seed", 0)
-  for field in ("dataset.train_limit", "dataset.eval_limit", "dataset.num_frames"):
-    _int(config, field, 0, "0 (all / images) or a positive integer")
-  for field in ("dataset.image_size", "dataset.resize_size", "dataset.num_workers"):
-    _int(config, field, 1)
-  model_frames = dict(config.model.options).get("num_frames", 0)
-  if model_frames and config.dataset.num_frames and model_frames != config.dataset.num_frames:
-    _fail("dataset.num_frames", config.dataset.num_frames, f"the model's num_frames ({model_frames})")
-  if not isinstance(_get(config, "dataset.stream"), bool):
-    _fail("dataset.stream", config.dataset.stream, "True or False")
-  available = jax.device_count()
-  devices = _int(config, "num_devices", 0, f"0 (all) or 1..{available}")
-  if devices > available:
-    _fail("num_devices", devices, f"0 (all) or 1..{available}")
-  devices = devices or available
-  if batch % devices:
-    _fail("batch_size", batch, f"a multiple of the device count ({devices})")
-  if config.eval_batch_size and config.eval_batch_size % devices:
-    _fail("eval_batch_size", config.eval_batch_size, f"0 or a multiple of the device count ({devices})")
-  _choice(config, "quant.weight_quantizer", quant.quantizer_names("weight"))
-  _choice(config, "quant.act_quantizer", quant.quantizer_names("activation"))
-  _choice(config, "quant.signed_act_quantizer", quant.quantizer_names("activation"))
-  _choice(config, "quant.first_last", models.FIRST_LAST)
-  _int(config, "quant.calibrate_batches", 0)
-  for key, value in dict(_get(config, "quant.act_param_init")).items():
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-      _fail(f"quant.act_param_init.{key}", value, "a number")
-  _choice(config, "optimizer.name", optim.OPTIMIZERS)
-  _choice(config, "optimizer.schedule", optim.SCHEDULES)
-  _number(config, "optimizer.learning_rate", 0.0, strict=True)
-  _number(config, "optimizer.weight_decay", 0.0)
-  momentum = _number(config, "optimizer.momentum", 0.0)
-  if momentum >= 1:
-    _fail("optimizer.momentum", momentum, "0 <= momentum < 1")
-  _number(config, "optimizer.warmup_epochs", 0.0)
-  _number(config, "optimizer.quantizer_lr_multiplier", 0.0, strict=True)
-  for f in _get(config, "optimizer.step_milestones"):
-    if not 0 < f < 1:
-      _fail("optimizer.step_milestones", tuple(config.optimizer.step_milestones), "fractions in (0, 1)")
-  _int(config, "checkpoint_every_steps", 1)
-  _int(config, "log_every_steps", 1)
-  _int(config, "eval_every_epochs", 1)
-  method_cls.validate_config(config, ConfigError)
+def describe(method_name: str | None = None) -> list[tuple[str, str, str]]:
+  """``(field, default, doc)`` rows of the config tree (one method's ``method.*`` fields,
+  or every method's), for ``launch.py --help_config``."""
+  rows = [("method.name", "'qat'", f"{methods.method_names()}")]
+  for name in ([method_name] if method_name else methods.method_names()):
+    rows += [(field.replace("method.", f"method.{'' if method_name else name + ':'}"), default, doc)
+             for field, default, doc in methods.get_method(name).Options.describe()]
+  return rows + RunSettings.describe() + LoopSettings.describe()

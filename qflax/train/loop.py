@@ -7,17 +7,24 @@ batch is sharded, XLA inserts the gradient all-reduce. The step number fixes the
 phase, the epoch, the batch (the epoch order is a function of (seed, epoch)) and
 the random key (``fold_in(key(seed), step)``), so a resumed run repeats an
 uninterrupted one exactly.
+
+The loop is four functions: :func:`setup` (settings, data, method, mesh),
+:func:`initial_state` (restore, or initialise, start from other runs and prepare),
+:func:`run_phase` (train one phase, evaluating and checkpointing on the way) and
+:func:`finish` (the final report).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
 import signal
+import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +33,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qflax import data as data_lib
 from qflax import methods
+from qflax.methods.base import Method, Task, TrainState
 from qflax.train import config as config_lib
-from qflax.train.checkpoint import Checkpoints, CheckpointError, check_resumable
+from qflax.train.checkpoint import (CheckpointError, Checkpoints, WorkdirLock, check_resumable, check_same_data,
+                                    start_variables, write_task)
+from qflax.train.health import HealthMonitor
 from qflax.train.metrics import MetricsLog, Progress
 from qflax.train.results import write_results
-
 
 _INIT_STREAM = 2**31 - 1   # fold_in stream of the initialisation key (steps use 0, 1, 2, ...)
 
@@ -45,7 +54,7 @@ class TrainingInterrupted(Exception):
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the state became NaN or infinite; the last good checkpoint is kept."""
 
 
 def make_mesh(num_devices: int) -> jax.sharding.Mesh:
@@ -77,98 +86,311 @@ class _SignalFlag:
       signal.signal(sig, handler)
 
 
-def _config_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort())
+class Run(NamedTuple):
+  """What stays fixed for a whole run."""
+  config: config_lib.Config
+  config_dict: dict
+  workdir: str
+  method: Method
+  batches: object                 # data.DeviceBatches or data.StreamedBatches
+  dataset: str
+  source: str
+  info: data_lib.DatasetInfo
+  replicated: NamedSharding
+  phase_starts: np.ndarray        # step at which each phase starts, and the total
+  steps_per_epoch: int
+  step_fns: dict                  # phase index -> jitted train step
+  eval_step: Callable
+
+  @property
+  def total_steps(self) -> int:
+    return int(self.phase_starts[-1])
+
+  def phase_of(self, step: int) -> int:
+    return int(np.searchsorted(self.phase_starts, step, side="right") - 1)
+
+  def train_step(self, phase_index: int):
+    if phase_index not in self.step_fns:
+      self.step_fns[phase_index] = _jit_train_step(self, phase_index)
+    return self.step_fns[phase_index]
 
 
-def _load_data(config):
-  ds = config.dataset
-  return data_lib.load_dataset(
+def _jit_train_step(run: Run, phase_index: int):
+  root_key, info = jax.random.key(run.config.run.seed), run.info
+
+  def step_fn(state, images, labels):
+    key = jax.random.fold_in(root_key, state.step)
+    aug_key, step_key = jax.random.split(key)
+    x = data_lib.normalize(data_lib.augment(aug_key, images, info.augmentation), info.mean, info.std)
+    return run.method.train_step(state, x, labels, step_key, phase_index)
+  return jax.jit(step_fn, donate_argnums=0, out_shardings=run.replicated)
+
+
+def load_batches(loop: config_lib.LoopSettings, seed: int, mesh):
+  """``(batches, dataset name, source, DatasetInfo)`` for the loop's dataset settings."""
+  ds = loop.dataset
+  sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  sizes = dict(seed=seed, batch_size=loop.batch_size, eval_batch_size=loop.eval_batch)
+  if ds.streamed:
+    stream = data_lib.open_stream(ds.name, data_dir=ds.data_dir or None, synthetic=dataclasses.asdict(ds.synthetic),
+                                  download=ds.download)
+    batches = data_lib.StreamedBatches(stream, sharding, image_size=ds.image_size, resize_size=ds.resize_size,
+                                       num_frames=ds.num_frames, num_workers=ds.num_workers, **sizes)
+    return batches, stream.name, stream.source, stream.info
+  dataset = data_lib.load_dataset(
       ds.name, data_dir=ds.data_dir or None, idx_dir=ds.idx_dir or None, train_limit=ds.train_limit,
-      eval_limit=ds.eval_limit, download=ds.download, synthetic=dict(ds.synthetic),
+      eval_limit=ds.eval_limit, download=ds.download, synthetic=dataclasses.asdict(ds.synthetic),
       shard_index=jax.process_index(), num_shards=jax.process_count())
+  return data_lib.DeviceBatches(dataset, sharding, replicated, **sizes), dataset.name, dataset.source, dataset.info
 
 
-class _Batches:
-  """Training and evaluation batches (uint8, sharded over 'data') of an in-memory dataset.
+def setup(config, workdir: str) -> Run:
+  """Validates ``config`` and the runs it starts from, loads the data, builds the method.
 
-  One process: the splits live on the devices and batches are gathered there.
-  Several processes: each gathers its share on the host and the global batch is
-  assembled with ``make_array_from_process_local_data``.
+  Raises ``ConfigError``, ``DataUnavailableError`` or ``CheckpointError`` before any
+  compute, leaving ``workdir`` as it was.
   """
-
-  def __init__(self, dataset, mesh, seed, batch_size, eval_batch_size):
-    self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
-    self.sharding = NamedSharding(mesh, P("data"))
-    self.local = jax.process_count() > 1
-    self.dataset = dataset
-    self.num_train = len(dataset.train.labels)
-    self.num_test = len(dataset.test.labels)
-    self.local_batch = batch_size // jax.process_count()
-    if not self.local:
-      replicated = NamedSharding(mesh, P())
-      self.train = data_lib.to_device(dataset.train, replicated)
-      self.test = data_lib.to_device(dataset.test, replicated)
-      take = lambda split, idx: (split.images[idx], split.labels[idx])
-      self._gather = jax.jit(take, out_shardings=self.sharding)
-      # One dispatch per training step: the epoch-order slice happens inside the jit.
-      self._gather_slice = jax.jit(
-          lambda split, order, start: take(split, jax.lax.dynamic_slice_in_dim(order, start, self.local_batch)),
-          out_shardings=self.sharding)
-
-  def steps_per_epoch(self) -> int:
-    return self.num_train // self.local_batch
-
-  def train_epoch(self, epoch: int, start_step: int):
-    """Batches ``start_step..`` of ``epoch``; the order is a function of (seed, epoch)."""
-    if not self.local:
-      permutation = data_lib.epoch_permutation(self.seed, epoch, self.num_train)
-      for step in range(start_step, self.steps_per_epoch()):
-        yield self._gather_slice(self.train, permutation, step * self.local_batch)
-      return
-    permutation = np.random.default_rng((self.seed, epoch, jax.process_index())).permutation(self.num_train)
-    for step in range(start_step, self.steps_per_epoch()):
-      idx = permutation[step * self.local_batch:(step + 1) * self.local_batch]
-      yield self._global(self.dataset.train.images[idx], self.dataset.train.labels[idx])
-
-  def eval_batches(self):
-    local_batch = self.eval_batch_size // jax.process_count()
-    for start in range(0, self.num_test, local_batch):
-      positions = np.arange(start, start + local_batch)
-      mask = positions < self.num_test
-      idx = np.where(mask, positions, 0)
-      if not self.local:
-        images, labels = self._gather(self.test, jnp.asarray(idx))
-        yield images, labels, jax.device_put(mask, self.sharding)
-      else:
-        yield self._global(self.dataset.test.images[idx], self.dataset.test.labels[idx], mask)
-
-  def _global(self, *arrays):
-    return tuple(jax.make_array_from_process_local_data(self.sharding, a) for a in arrays)
+  settings = config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  config_dict = json.loads(config.to_json_best_effort())
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    check_resumable(config_path, config_dict)
+  mesh = make_mesh(settings.loop.devices)
+  batches, name, source, info = load_batches(settings.loop, settings.run.seed, mesh)
+  steps_per_epoch = batches.steps_per_epoch()
+  if steps_per_epoch < 1:
+    raise config_lib.ConfigError(
+        f"config field batch_size={settings.loop.batch_size} is larger than the training split "
+        f"({batches.num_train} examples); allowed: at most {batches.num_train}")
+  task = Task(info.num_classes, tuple(np.shape(batches.sample)), steps_per_epoch)
+  method = methods.get_method(settings.method_name)(settings.method, task)
+  phase_starts = np.cumsum([0] + [p.num_epochs * steps_per_epoch for p in method.phases])
+  return Run(settings, config_dict, workdir, method, batches, name, source, info, NamedSharding(mesh, P()),
+             phase_starts, steps_per_epoch, {}, make_eval_step(method, info.mean, info.std))
 
 
-class _StreamedBatches:
-  """Batches of a large dataset from :class:`qflax.data.StreamingPipeline` (host
-  transforms and prefetch; the epoch order is a function of (seed, epoch))."""
+def make_eval_step(method: Method, mean, std):
+  """``(state, images, labels, mask, variant_index) -> (correct, count)``, jitted once for
+  every variant (the index is traced)."""
+  @jax.jit
+  def eval_step(state, images, labels, mask, variant_index):
+    logits = method.eval_logits(state, data_lib.normalize(images, mean, std), variant_index)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) & mask), jnp.sum(mask)
+  return eval_step
 
-  def __init__(self, stream, mesh, config, eval_batch_size):
-    ds = config.dataset
-    sharding = NamedSharding(mesh, P("data"))
-    common = dict(sharding=sharding, image_size=ds.image_size, resize_size=ds.resize_size, seed=config.seed,
-                  num_workers=ds.num_workers, image_key=stream.image_key, num_frames=ds.num_frames)
-    self.train = data_lib.StreamingPipeline(stream.train, config.batch_size, train=True, **common)
-    self.test = data_lib.StreamingPipeline(stream.test, eval_batch_size, train=False, **common)
-    self.num_train = len(stream.train)
 
-  def steps_per_epoch(self) -> int:
-    return self.train.steps_per_epoch()
+def initial_state(run: Run, ckpt: Checkpoints) -> tuple[TrainState, dict]:
+  """The latest checkpoint's state and metadata, or a fresh state started from the
+  configured runs and prepared on ``prepare_batches`` training batches."""
+  method = run.method
+  state = jax.jit(method.init_state)(jax.random.fold_in(jax.random.key(run.config.run.seed), _INIT_STREAM))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    if latest > run.total_steps:
+      raise CheckpointError(f"checkpoint {ckpt.directory}/{latest} is beyond this run's {run.total_steps} steps: "
+                            "it was written by another config; choose another --workdir")
+    target_for = lambda step: jax.device_put(method.start_phase(state, run.phase_of(max(step - 1, 0))),
+                                             run.replicated)
+    _, state, meta = ckpt.restore_latest_good(target_for)
+    return state, meta
+  for start in run.config.method.starts:
+    state = method.load_start(state, start, start_variables(start))
+  if method.prepare_batches:
+    info = run.info
+    batches = [data_lib.normalize(images, info.mean, info.std)
+               for images, _ in itertools.islice(run.batches.train_epoch(0, 0), method.prepare_batches)]
+    state = method.prepare(state, batches)
+  if jax.process_index() == 0:
+    write_task(run.workdir, method.task, run.info, run.batches.fingerprint())
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      json.dump(run.config_dict, f, indent=2)
+  meta = {"best_accuracy": -1.0, "best_step": None, "train_seconds": 0.0, "images_per_second": 0.0,
+          "phase_accuracy": {}}
+  return jax.device_put(state, run.replicated), meta
 
-  def train_epoch(self, epoch: int, start_step: int):
-    for images, labels, _ in self.train.epoch(epoch, start_step):
-      yield images, labels
 
-  def eval_batches(self):
-    yield from self.test.epoch(0)
+def evaluate_variants(eval_step, variants, batches, state: TrainState) -> dict[str, float]:
+  """Top-1 accuracy of every variant on the evaluation split of ``batches``."""
+  accuracies = {}
+  for k, variant in enumerate(variants):
+    correct = count = 0
+    for images, labels, mask in batches.eval_batches():
+      c, n = eval_step(state, images, labels, mask, jnp.int32(k))
+      correct, count = correct + c, count + n
+    accuracies[variant.name] = float(correct) / max(float(count), 1.0)
+  return accuracies
+
+
+def evaluate(run: Run, state: TrainState) -> dict[str, float]:
+  return evaluate_variants(run.eval_step, run.method.variants, run.batches, state)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+class _NullLog:
+  """The metrics log of processes other than 0."""
+
+  def write(self, *args, **kwargs):
+    pass
+
+  def close(self):
+    pass
+
+
+class _Session:
+  """The mutable parts of a run while it trains: outputs, timing, metadata."""
+
+  def __init__(self, run: Run, ckpt: Checkpoints, meta: dict, resume_step: int | None, stop: _SignalFlag,
+               step_hook):
+    self.run, self.ckpt, self.meta, self.stop, self.step_hook = run, ckpt, meta, stop, step_hook
+    # Process 0 writes the logs and results; every process trains and checkpoints.
+    self.writer = jax.process_index() == 0
+    self.log = MetricsLog(run.workdir, resume_step=resume_step) if self.writer else _NullLog()
+    self.progress = Progress(run.total_steps)
+    self.health = HealthMonitor(run.method, self.progress.message) if run.config.run.quant.monitor else None
+    self.timed_images, self.timed_seconds, self.all_images = 0, 0.0, 0
+    self.timed_phases: set[int] = set()
+
+  def save(self, step: int, state: TrainState, *, accuracy: float | None = None):
+    """Checkpoints ``state`` unless it holds a NaN or infinity (then stops the run)."""
+    if not bool(_all_finite(state.params)) or not bool(_all_finite(state.opt_state)):
+      kept = self.ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"the training state became non-finite at step {step}; training stopped. The last good checkpoint "
+          f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in {self.ckpt.directory}. "
+          "Lower optimizer.learning_rate or check the data.")
+    self.ckpt.save(step, state, dict(self.meta), accuracy=accuracy)
+
+  def check_loss(self, metrics, step: int) -> float:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      kept = self.ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"loss became {loss} at step {step}; training stopped. The last good checkpoint "
+          f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in {self.ckpt.directory}. "
+          "Lower optimizer.learning_rate or check the data.")
+    return loss
+
+  def record_window(self, phase_index: int, steps: int, seconds: float):
+    """Throughput excludes each phase's first (compiling) window."""
+    images = steps * self.run.config.loop.batch_size
+    self.meta["train_seconds"] += seconds
+    self.all_images += images
+    if phase_index in self.timed_phases:
+      self.timed_seconds += seconds
+      self.timed_images += images
+    self.timed_phases.add(phase_index)
+    return images / seconds if seconds > 0 else 0.0
+
+  def images_per_second(self) -> float:
+    if self.timed_images:
+      return self.timed_images / self.timed_seconds
+    return float(self.meta["images_per_second"]) or (
+        self.all_images / self.meta["train_seconds"] if self.meta["train_seconds"] else 0.0)
+
+  def evaluation(self, step: int, state: TrainState, phase, epoch: int, phase_ended: bool):
+    """Evaluates, records, then checkpoints with the updated metadata (and ``best``)."""
+    accuracies = evaluate(self.run, state)
+    if phase_ended:
+      self.meta["phase_accuracy"][phase.name] = accuracies
+    self.log.write(step, "eval", {f"accuracy/{k}": v for k, v in accuracies.items()}, epoch=epoch, phase=phase.name)
+    self.progress.message(f"epoch {epoch + 1}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
+    mean_accuracy = float(np.mean(list(accuracies.values())))
+    if mean_accuracy > self.meta["best_accuracy"]:
+      self.meta.update(best_accuracy=mean_accuracy, best_step=step)
+    self.save(step, state, accuracy=mean_accuracy)
+
+  def log_train(self, step: int, state: TrainState, images, metrics, phase, epoch: int, rate: float):
+    loss = self.check_loss(metrics, step)
+    learning_rate = float(phase.learning_rate(step - int(self.run.phase_starts[self.run.phase_of(step - 1)])))
+    self.log.write(step, "train", {**jax.device_get(metrics), "learning_rate": learning_rate}, epoch=epoch,
+                   phase=phase.name)
+    if self.health is not None:
+      info = self.run.info
+      self.log.write(step, "quant", self.health.observe(step, state, data_lib.normalize(images, info.mean, info.std)),
+                     epoch=epoch, phase=phase.name)
+    self.progress.update(step, phase=phase.name, epoch=epoch, epochs=self.run.total_steps // self.run.steps_per_epoch,
+                         loss=loss, accuracy=float(metrics["accuracy"]),
+                         images_per_second=rate * self.run.config.loop.batch_size, steps_per_second=rate)
+
+  def check_signal(self, step: int, state: TrainState):
+    if self.stop.signum is not None:
+      if self.ckpt.latest_step() != step:
+        self.save(step, state)
+      self.ckpt.wait()
+      raise TrainingInterrupted(self.stop.signum, step, self.ckpt.directory)
+
+
+def run_phase(session: _Session, state: TrainState, phase_index: int) -> TrainState:
+  """Trains phase ``phase_index`` from ``state.step`` to its end, evaluating at epoch
+  ends (every ``eval_every_epochs`` and at the phase end) and checkpointing every
+  ``checkpoint_every_steps``, at evaluations and at the end."""
+  run, loop = session.run, session.run.config.loop
+  phase = run.method.phases[phase_index]
+  start, end = int(run.phase_starts[phase_index]), int(run.phase_starts[phase_index + 1])
+  step = int(state.step)
+  if step == start:
+    before = f"before_{phase.name}"
+    if phase.evaluate_before and before not in session.meta["phase_accuracy"]:
+      session.meta["phase_accuracy"][before] = accuracies = evaluate(run, state)
+      session.progress.message(f"{before}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
+    state = jax.device_put(run.method.start_phase(state, phase_index), run.replicated)
+  train_step = run.train_step(phase_index)
+  while step < end:
+    epoch, offset = divmod(step, run.steps_per_epoch)
+    window_start, window_steps = time.perf_counter(), 0
+    for images, labels in run.batches.train_epoch(epoch, offset):
+      state, metrics = train_step(state, images, labels)
+      step, offset, window_steps = step + 1, offset + 1, window_steps + 1
+      if session.step_hook is not None:
+        session.step_hook(step)
+      epoch_ended = offset == run.steps_per_epoch
+      if step % loop.log_every_steps == 0 or epoch_ended:
+        rate = session.record_window(phase_index, window_steps, time.perf_counter() - window_start)
+        session.log_train(step, state, images, metrics, phase, epoch, rate)
+        window_start, window_steps = time.perf_counter(), 0
+      session.check_signal(step, state)
+      if epoch_ended and ((epoch + 1) % loop.eval_every_epochs == 0 or step == end):
+        session.evaluation(step, state, phase, epoch, phase_ended=step == end)
+      elif step % loop.checkpoint_every_steps == 0 or step == end:
+        session.save(step, state)
+      if step == end:
+        break
+    if window_steps:
+      session.record_window(phase_index, window_steps, time.perf_counter() - window_start)
+  return state
+
+
+def finish(session: _Session, state: TrainState) -> dict:
+  """Writes ``results.json``/``.md`` and the plot; returns the results."""
+  run = session.run
+  method = run.method
+  accuracies = session.meta["phase_accuracy"].get(method.phases[-1].name) or evaluate(run, state)
+  if not session.writer:
+    return {"variants": [{"name": v.name, "accuracy": accuracies[v.name]} for v in method.variants]}
+  extra = method.finalize(state, run.workdir)
+  model_bytes = extra.pop("model_bytes")
+  results = {
+      "method": run.config.method_name, "model": run.config.run.model.name, "dataset": run.dataset,
+      "variants": [{"name": v.name, "w_bits": v.w_bits, "a_bits": v.a_bits, "accuracy": accuracies[v.name],
+                    "model_bytes": int(model_bytes[v.name])} for v in method.variants],
+      "epochs": run.total_steps // run.steps_per_epoch, "train_seconds": float(session.meta["train_seconds"]),
+      "images_per_second": session.images_per_second(), **extra}
+  if len(session.meta["phase_accuracy"]) > 1:
+    results["phase_accuracy"] = session.meta["phase_accuracy"]
+  if session.health is not None:
+    results["quantizer_health"] = session.health.summary()
+  write_results(run.workdir, results)
+  session.progress.message("results: " + ", ".join(f"{v['name']} {100 * v['accuracy']:.2f}%"
+                                                   for v in results["variants"])
+                           + f" -> {os.path.join(run.workdir, 'results.md')}")
+  return results
 
 
 def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None] | None = None) -> dict:
@@ -178,199 +400,49 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Callable[[int], None]
 
   Raises:
     ConfigError, DataUnavailableError, CheckpointError: before any compute.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint stays).
+    NonFiniteLossError: the loss or the state became NaN/inf (the last good checkpoint stays).
     TrainingInterrupted: SIGTERM/SIGINT (a checkpoint was saved first).
   """
-  if config.distributed and not jax.distributed.is_initialized():
+  if config.get("distributed") and not jax.distributed.is_initialized():
     jax.distributed.initialize()   # must come before anything that touches the devices
-  config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, "config.json")
-  ckpt = Checkpoints(workdir)
+  run = setup(config, workdir)
+  os.makedirs(run.workdir, exist_ok=True)
+  with WorkdirLock(run.workdir) if jax.process_index() == 0 else _NoLock():
+    return _train(run, step_hook)
+
+
+class _NoLock:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _train(run: Run, step_hook) -> dict:
+  ckpt = Checkpoints(run.workdir, warn=lambda m: print(m, file=sys.stderr))
+  if ckpt.latest_step() is not None:
+    if not os.path.exists(os.path.join(run.workdir, "config.json")):
+      raise CheckpointError(f"{ckpt.directory} holds checkpoints but {run.workdir}/config.json is missing; "
+                            "choose another --workdir")
+    check_same_data(run.workdir, run.batches.fingerprint())
   resuming = ckpt.latest_step() is not None
-  if os.path.exists(config_path):
-    check_resumable(config_path, _config_dict(config))
-  elif resuming:
-    raise CheckpointError(f"{ckpt.directory} holds checkpoints but {config_path} is missing; "
-                          "choose another --workdir")
-
-  num_devices = config_lib.num_devices(config)
-  mesh = make_mesh(num_devices)
-  replicated = NamedSharding(mesh, P())
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  if config.dataset.stream or data_lib.is_streamed(config.dataset.name):
-    dataset = data_lib.open_stream(config.dataset.name, data_dir=config.dataset.data_dir or None,
-                                   synthetic=dict(config.dataset.synthetic), download=config.dataset.download)
-    batches = _StreamedBatches(dataset, mesh, config, eval_batch_size)
-    sample_images = batches.test.example(0)[0][None]
-  else:
-    dataset = _load_data(config)
-    batches = _Batches(dataset, mesh, config.seed, config.batch_size, eval_batch_size)
-    sample_images = dataset.train.images[:1]
-  steps_per_epoch = batches.steps_per_epoch()
-  if steps_per_epoch < 1:
-    raise config_lib.ConfigError(
-        f"config field batch_size={config.batch_size} is larger than the training split "
-        f"({batches.num_train} examples); allowed: at most {batches.num_train}")
-  method = methods.get_method(config.method.name)(config, dataset.info.num_classes, steps_per_epoch)
-  phases = method.phases()
-  phase_starts = np.cumsum([0] + [p.num_epochs * steps_per_epoch for p in phases])
-  total_steps = int(phase_starts[-1])
-  phase_of = lambda step: int(np.searchsorted(phase_starts, step, side="right") - 1)
-  info = dataset.info
-  sample_x = data_lib.normalize(jnp.asarray(sample_images), info.mean, info.std)
-
-  root_key = jax.random.key(config.seed)
-  state = jax.jit(method.init_state)(jax.random.fold_in(root_key, _INIT_STREAM), sample_x)
-  meta = {"best_accuracy": -1.0, "train_seconds": 0.0, "images_per_second": 0.0, "phase_accuracy": {}}
-  if resuming:
-    step = ckpt.latest_step()
-    target = method.start_phase(state, phase_of(max(step - 1, 0)))
-    state, meta = ckpt.restore(step, jax.device_put(target, replicated))
-  else:
-    for role, path in method.pretrained_checkpoints().items():
-      source = Checkpoints(path)
-      arrays, _ = source.restore_arrays()
-      source.close()
-      state = method.load_pretrained(state, role, arrays)
-    if config.quant.calibrate_batches:
-      calib = [data_lib.normalize(images, info.mean, info.std)
-               for images, _ in itertools.islice(batches.train_epoch(0, 0), config.quant.calibrate_batches)]
-      state = method.calibrate(state, calib)
-    with open(config_path, "w") as f:
-      json.dump(_config_dict(config), f, indent=2)
-  state = jax.device_put(state, replicated)
-
-  def make_step(phase_index):
-    def step_fn(state, images, labels):
-      key = jax.random.fold_in(root_key, state.step)
-      aug_key, step_key = jax.random.split(key)
-      x = data_lib.normalize(data_lib.augment(aug_key, images, info.augmentation), info.mean, info.std)
-      return method.train_step(state, x, labels, step_key, phase_index)
-    return jax.jit(step_fn, donate_argnums=0, out_shardings=replicated)
-
-  @jax.jit
-  def eval_step(state, images, labels, mask, variant_index):
-    logits = method.eval_logits(state, data_lib.normalize(images, info.mean, info.std), variant_index)
-    return jnp.sum((jnp.argmax(logits, -1) == labels) & mask), jnp.sum(mask)
-
-  variants = method.variants()
-
-  def evaluate(state):
-    accuracies = {}
-    for k, variant in enumerate(variants):
-      correct = count = 0
-      for images, labels, mask in batches.eval_batches():
-        c, n = eval_step(state, images, labels, mask, jnp.int32(k))
-        correct, count = correct + c, count + n
-      accuracies[variant.name] = float(correct) / max(float(count), 1.0)
-    return accuracies
-
-  log = MetricsLog(workdir)
-  progress = Progress(total_steps)
-  progress.message(f"qflax: {config.method.name} / {config.model.name} / {dataset.name} ({dataset.source}) on "
-                   f"{num_devices} {jax.default_backend()} device(s); {total_steps} steps "
-                   f"({steps_per_epoch}/epoch)" + (f"; resuming at step {int(state.step)}" if resuming else ""))
-  step_fns = {}
-  train_seconds = float(meta["train_seconds"])
-  timed_images, timed_seconds = 0, 0.0   # throughput excludes each phase's first (compiling) window
-  timed_phases = set()
-  last_metrics = None
-
-  def check_finite(metrics, step):
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      kept = ckpt.latest_step()
-      raise NonFiniteLossError(
-          f"loss became {loss} at step {step}; training stopped. The last good checkpoint "
-          f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in {ckpt.directory}. "
-          "Lower optimizer.learning_rate or check the data.")
-    return loss
-
-  def save(step, state, metrics, best=False):
-    if metrics is not None:
-      check_finite(metrics, step)
-    meta.update(train_seconds=train_seconds)
-    ckpt.save(step, state, dict(meta), best=best)
-
-  step = int(state.step)
-  if method.initial_evaluation and step == 0 and method.initial_evaluation not in meta.get("phase_accuracy", {}):
-    accuracies = evaluate(state)
-    meta.setdefault("phase_accuracy", {})[method.initial_evaluation] = accuracies
-    progress.message(f"{method.initial_evaluation}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
-  try:
-    with _SignalFlag() as stop:
-      while step < total_steps:
-        phase_index = phase_of(step)
-        phase = phases[phase_index]
-        if step == phase_starts[phase_index]:
-          state = jax.device_put(method.start_phase(state, phase_index), replicated)
-        if phase_index not in step_fns:
-          step_fns[phase_index] = make_step(phase_index)
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        window_start, window_steps = time.perf_counter(), 0
-        for images, labels in batches.train_epoch(epoch, step_in_epoch):
-          if phase_of(step) != phase_index:
-            break
-          state, last_metrics = step_fns[phase_index](state, images, labels)
-          step, step_in_epoch, window_steps = step + 1, step_in_epoch + 1, window_steps + 1
-          if step_hook is not None:
-            step_hook(step)
-          if step % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch:
-            loss = check_finite(last_metrics, step)
-            now = time.perf_counter()
-            elapsed = now - window_start
-            if phase_index in timed_phases:
-              timed_seconds += elapsed
-              timed_images += window_steps * config.batch_size
-            timed_phases.add(phase_index)
-            train_seconds += elapsed
-            rate = window_steps / elapsed if elapsed > 0 else 0.0
-            log.write(step, "train", {k: v for k, v in jax.device_get(last_metrics).items()},
-                      epoch=epoch, phase=phase.name)
-            progress.update(step, phase=phase.name, epoch=epoch, epochs=total_steps // steps_per_epoch,
-                            loss=loss, accuracy=float(last_metrics["accuracy"]),
-                            images_per_second=rate * config.batch_size, steps_per_second=rate)
-            window_start, window_steps = time.perf_counter(), 0
-          if stop.signum is not None:
-            save(step, state, last_metrics)
-            ckpt.wait()
-            raise TrainingInterrupted(stop.signum, step, ckpt.directory)
-          if step % config.checkpoint_every_steps == 0 or step == phase_starts[phase_index + 1]:
-            save(step, state, last_metrics)
-        train_seconds += time.perf_counter() - window_start
-        phase_ended = step == phase_starts[phase_index + 1]
-        if step_in_epoch == steps_per_epoch and ((epoch + 1) % config.eval_every_epochs == 0 or phase_ended):
-          accuracies = evaluate(state)
-          if phase_ended:
-            meta.setdefault("phase_accuracy", {})[phase.name] = accuracies
-          mean_accuracy = float(np.mean(list(accuracies.values())))
-          log.write(step, "eval", {f"accuracy/{k}": v for k, v in accuracies.items()}, epoch=epoch,
-                    phase=phase.name)
-          progress.message(f"epoch {epoch + 1}: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
-          is_best = mean_accuracy > meta["best_accuracy"]
-          if is_best:
-            meta["best_accuracy"] = mean_accuracy
-          save(step, state, last_metrics, best=is_best)
-  finally:
-    ckpt.wait()
-    log.close()
-
-  if timed_images:
-    meta["images_per_second"] = timed_images / timed_seconds
-  accuracies = evaluate(state)
-  results = {
-      "method": config.method.name, "model": config.model.name, "dataset": dataset.name,
-      "variants": [{"name": v.name, "w_bits": v.w_bits, "a_bits": v.a_bits, "accuracy": accuracies[v.name],
-                    "model_bytes": method.model_bytes(state, k, sample_x)} for k, v in enumerate(variants)],
-      "epochs": total_steps // steps_per_epoch, "train_seconds": train_seconds,
-      "images_per_second": float(meta["images_per_second"]), **method.report(state),
-      **method.export(state, workdir, sample_x)}
-  if len(meta.get("phase_accuracy", {})) > 1:
-    results["phase_accuracy"] = meta["phase_accuracy"]
-  write_results(workdir, results)
+  state, meta = initial_state(run, ckpt)
+  resume_step = int(state.step) if resuming else None
+  with _SignalFlag() as stop:
+    session = _Session(run, ckpt, meta, resume_step, stop, step_hook)
+    session.progress.message(
+        f"qflax: {run.config.method_name} / {run.config.run.model.name} / {run.dataset} ({run.source}) on "
+        f"{run.config.loop.devices} {jax.default_backend()} device(s); {run.total_steps} steps "
+        f"({run.steps_per_epoch}/epoch)" + (f"; resuming at step {int(state.step)}" if resume_step else ""))
+    try:
+      for phase_index in range(run.phase_of(int(state.step)), len(run.method.phases)):
+        if int(state.step) < run.phase_starts[phase_index + 1]:
+          state = run_phase(session, state, phase_index)
+      session.check_signal(int(state.step), state)
+      results = finish(session, state)
+    finally:
+      ckpt.wait()
+      session.log.close()
   ckpt.close()
-  progress.message("results: " + ", ".join(f"{v['name']} {100 * v['accuracy']:.2f}%" for v in results["variants"])
-                   + f" -> {os.path.join(workdir, 'results.md')}")
   return results

@@ -1,21 +1,30 @@
-"""Run outputs that stream during training: JSONL log, TensorBoard events, console progress."""
+"""Run outputs that stream during training: JSONL log, TensorBoard events, console progress.
+
+:class:`MetricsLog` appends to ``metrics.jsonl`` and mirrors scalars, histograms, text and hparams to
+TensorBoard event files through ``tensorboardX`` (no TensorFlow needed). :func:`read_event_scalars` is a small
+dependency-free reader of those files' scalars, for tests and tools.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import socket
+import shutil
 import struct
 import sys
+import tempfile
 import time
+import warnings
 from typing import Mapping
 
-# --- TensorBoard event files, written without TensorFlow ---------------------
+import numpy as np
+
+# --- Reading TensorBoard event files -------------------------------------------
 # An event file is a sequence of TFRecords (length, masked CRC-32C of the length,
 # data, masked CRC-32C of the data) holding serialized ``tensorflow.Event``
-# protos. Scalars use Event{wall_time=1, step=2, summary=5{value=1{tag=1,
-# simple_value=2}}}; the first record carries file_version=3 "brain.Event:2".
+# protos: wall_time=1, step=2, summary=5{value=1{tag=1, simple_value=2}},
+# session_log=7{status=1, START=1}.
 
 
 def _crc32c_table():
@@ -32,6 +41,7 @@ _CRC_TABLE = _crc32c_table()
 
 
 def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), as TFRecord framing uses it."""
   crc = 0xFFFFFFFF
   for byte in data:
     crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
@@ -43,63 +53,15 @@ def masked_crc32c(data: bytes) -> int:
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  while True:
-    bits, value = value & 0x7F, value >> 7
-    out.append(bits | (0x80 if value else 0))
-    if not value:
-      return bytes(out)
+def _event_files(path: str) -> list[str]:
+  if not os.path.isdir(path):
+    return [path]
+  names = sorted(n for n in os.listdir(path) if "tfevents" in n and os.path.isfile(os.path.join(path, n)))
+  return [os.path.join(path, n) for n in names]
 
 
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-  key = _varint((number << 3) | wire)
-  if wire == 2:
-    return key + _varint(len(payload)) + payload
-  return key + payload
-
-
-def _event(wall_time: float, step: int | None = None, file_version: str | None = None,
-           scalars: Mapping[str, float] | None = None) -> bytes:
-  out = _field(1, 1, struct.pack("<d", wall_time))
-  if step is not None:
-    out += _field(2, 0, _varint(step))
-  if file_version is not None:
-    out += _field(3, 2, file_version.encode())
-  if scalars:
-    values = b"".join(_field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
-                      for tag, value in scalars.items())
-    out += _field(5, 2, values)
-  return out
-
-
-def _record(data: bytes) -> bytes:
-  length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-class TensorBoardWriter:
-  """Scalar summaries in a TensorBoard event file (``tensorboard --logdir <dir>``)."""
-
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")
-    self._file.write(_record(_event(time.time(), file_version="brain.Event:2")))
-    self._file.flush()
-
-  def scalars(self, step: int, values: Mapping[str, float]):
-    self._file.write(_record(_event(time.time(), step=step, scalars=values)))
-    self._file.flush()
-
-  def close(self):
-    self._file.close()
-
-
-def read_event_scalars(path: str) -> list[tuple[int, str, float]]:
-  """Reads back ``(step, tag, value)`` triples, checking every CRC (for tests and tools)."""
-  out = []
+def _records(path: str):
+  """Yields each record's payload, checking both CRCs."""
   with open(path, "rb") as f:
     raw = f.read()
   pos = 0
@@ -112,7 +74,24 @@ def read_event_scalars(path: str) -> list[tuple[int, str, float]]:
     if struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])[0] != masked_crc32c(payload):
       raise ValueError(f"{path}: bad data CRC at byte {pos}")
     pos += 16 + length
-    out.extend(_parse_scalars(payload))
+    yield payload
+
+
+def read_event_scalars(path: str) -> list[tuple[int, str, float]]:
+  """Reads back ``(step, tag, value)`` scalar triples from an event file or a directory of them.
+
+  Files are read in name (= creation time) order. Like TensorBoard, a ``SessionLog.START`` event at step
+  ``s`` (written by a writer opened with ``purge_step=s``) discards the triples read so far with step >= s.
+  Non-scalar summaries (histograms, text, hparams) are skipped. Every CRC is checked.
+  """
+  out = []
+  for file in _event_files(path):
+    for payload in _records(file):
+      fields = list(_parse_fields(payload))
+      step = next((v for n, v in fields if n == 2), 0)
+      if any(n == 7 and dict(_parse_fields(v)).get(1) == 1 for n, v in fields):
+        out = [t for t in out if t[0] < step]
+      out.extend(_parse_scalars(step, fields))
   return out
 
 
@@ -144,36 +123,130 @@ def _parse_fields(buf):
     yield number, value
 
 
-def _parse_scalars(event: bytes):
-  fields = list(_parse_fields(event))
-  step = next((v for n, v in fields if n == 2), 0)
+def _parse_scalars(step, fields):
   for number, summary in fields:
     if number == 5:
       for _, value in _parse_fields(summary):
         parts = dict(_parse_fields(value))
-        yield step, parts[1].decode(), struct.unpack("<f", parts[2])[0]
+        if 2 in parts:   # simple_value
+          yield step, parts[1].decode(), struct.unpack("<f", parts[2])[0]
 
 
-# --- JSONL and console ----------------------------------------------------------
+# --- metrics.jsonl and TensorBoard -------------------------------------------------
+
+
+def _truncate_jsonl(path: str, resume_step: int) -> int:
+  """Drops records with ``step > resume_step`` (and a torn last line), rewriting atomically; returns how many."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue   # a line torn by the kill
+    if not isinstance(record, dict) or record.get("step", 0) <= resume_step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return 0
+  fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".jsonl", dir=os.path.dirname(path) or ".")
+  with os.fdopen(fd, "w") as f:
+    f.write("".join(line + "\n" for line in kept))
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+  """A tensorboardX ``SummaryWriter``, or ``None`` (with a warning) when tensorboardX is not installed."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    warnings.warn("tensorboardX is not installed: no TensorBoard logs (metrics.jsonl is still written); "
+                  "pip install tensorboardX", stacklevel=3)
+    return None
+  # Nanoseconds in the name keep files of one host and second distinct and in creation order.
+  return SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+
+
+def _hparam_value(value):
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  return str(value)
 
 
 class MetricsLog:
-  """Appends one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-  def __init__(self, workdir: str):
+  Args:
+    workdir: the run directory (``metrics.jsonl`` and ``tensorboard/`` go there).
+    resume_step: the step of the checkpoint a resumed run restarts from. Records a killed run logged after
+      it are dropped from ``metrics.jsonl``, and TensorBoard discards its events with later steps
+      (``purge_step=resume_step + 1``), so no step appears twice.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.dropped = _truncate_jsonl(self.path, resume_step) if resume_step is not None else 0
     self._file = open(self.path, "a")
-    self._tb = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = _summary_writer(os.path.join(workdir, "tensorboard"),
+                               None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, split: str, values: Mapping[str, float], **context):
+    """One JSONL record ``{step, split, **context, **values}``; each value also as scalar ``split/name``."""
     record = {"step": step, "split": split, **context, **{k: float(v) for k, v in values.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    self._tb.scalars(step, {f"{split}/{k}": float(v) for k, v in values.items()})
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), step)
+      self._tb.flush()
+
+  def histograms(self, step: int, arrays: Mapping[str, object]):
+    """A TensorBoard histogram per ``{tag: array}`` (non-finite entries are left out; empty arrays skipped)."""
+    if self._tb is None:
+      return
+    for tag, array in arrays.items():
+      values = np.asarray(array, np.float64).ravel()
+      values = values[np.isfinite(values)]
+      if values.size:
+        self._tb.add_histogram(tag, values, step)
+    self._tb.flush()
+
+  def text(self, tag: str, string: str, step: int = 0):
+    """A TensorBoard text entry (Markdown), shown under ``tag`` in the Text tab."""
+    if self._tb is not None:
+      self._tb.add_text(tag, string, step)
+      self._tb.flush()
+
+  def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float], step: int | None = None):
+    """Records the run's hyperparameters and final metrics for TensorBoard's HParams tab.
+
+    ``hparams`` values that are not bool/int/float/str are stored as strings. Each ``metrics`` key is
+    written as a scalar of that tag (at ``step``), so use tags no other scalar has (e.g. ``hparams/...``).
+    """
+    if self._tb is None:
+      return
+    from tensorboardX.summary import hparams as hparams_summary
+    hparams = {k: _hparam_value(v) for k, v in hparams.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    writer = self._tb.file_writer   # this run's file, not the subdirectory add_hparams would make
+    for summary in hparams_summary(hparams, metrics):
+      writer.add_summary(summary, step)
+    for tag, value in metrics.items():
+      self._tb.add_scalar(tag, value, step)
+    self._tb.flush()
 
   def close(self):
     self._file.close()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+# --- Console ------------------------------------------------------------------------
 
 
 def _duration(seconds: float) -> str:
@@ -184,27 +257,85 @@ def _duration(seconds: float) -> str:
   return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
+def _known(rate) -> bool:
+  """``None``, 0 and non-finite rates mean "not measured yet"."""
+  return rate is not None and math.isfinite(rate) and rate > 0
+
+
+def _rate(images_per_second) -> str:
+  if not _known(images_per_second):
+    return "-- img/s"
+  return f"{images_per_second:,.0f} img/s" if images_per_second >= 100 else f"{images_per_second:.1f} img/s"
+
+
+def _columns(stream) -> int:
+  """The width of the terminal ``stream`` writes to (``$COLUMNS`` wins, as in :func:`shutil.get_terminal_size`)."""
+  if not os.environ.get("COLUMNS"):
+    try:
+      columns = os.get_terminal_size(stream.fileno()).columns
+      if columns > 0:
+        return columns
+    except (AttributeError, OSError, ValueError):
+      pass
+  return shutil.get_terminal_size().columns
+
+
+# What a narrow terminal gives up first: the bar (shrunk to 5, then dropped), then these fields.
+_DROP_ORDER = ((), ("phase",), ("phase", "epoch"), ("phase", "epoch", "rate"))
+_MIN_BAR = 5
+
+
+def _bar(done: float, width: int) -> str:
+  filled = min(width, max(0, int(width * done)))
+  return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _fit(done: float, fields: Mapping[str, str], compact: str, width: int) -> str:
+  """The longest form of the progress line that fits in ``width`` columns (``compact``, cut, as the last)."""
+  for dropped in _DROP_ORDER:
+    text = " ".join(v for k, v in fields.items() if k not in dropped)
+    room = width - len(text) - 3
+    if not dropped and room >= _MIN_BAR:
+      return f"{_bar(done, min(room, 20))} {text}"
+    if len(text) <= width:
+      return text
+  return compact[:width]
+
+
 class Progress:
   """A console progress bar: phase, epoch, step, loss, accuracy, images/s, ETA.
 
-  On a terminal it redraws one line; otherwise (CI, logs) it prints a line per update.
+  On a terminal it redraws one line, fitted to the terminal's width (read at every update; ``width``
+  overrides it); otherwise (CI, logs) it prints a full line per update.
   """
 
-  def __init__(self, total_steps: int, stream=None):
+  def __init__(self, total_steps: int, stream=None, *, width: int | None = None):
     self.total_steps = total_steps
     self.stream = stream or sys.stderr
     self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.width = width
+    self._shown = 0   # length of the progress line on screen
 
   def update(self, step: int, *, phase: str, epoch: int, epochs: int, loss: float, accuracy: float,
-             images_per_second: float, steps_per_second: float):
+             images_per_second: float | None, steps_per_second: float | None):
+    """Shows the state at ``step``; a rate of ``None`` or 0 means "unknown" (shown as ``--``)."""
     done = step / max(self.total_steps, 1)
-    bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-    eta = _duration((self.total_steps - step) / steps_per_second) if steps_per_second else "--:--"
-    line = (f"[{bar}] {phase} epoch {epoch + 1}/{epochs} step {step}/{self.total_steps} "
-            f"loss {loss:.4f} acc {accuracy:.4f} {images_per_second:,.0f} img/s ETA {eta}")
-    self.stream.write("\r" + line.ljust(120) if self.interactive else line + "\n")
+    eta = _duration((self.total_steps - step) / steps_per_second) if _known(steps_per_second) else "--:--"
+    fields = {"phase": phase, "epoch": f"epoch {epoch + 1}/{epochs}", "step": f"step {step}/{self.total_steps}",
+              "loss": f"loss {loss:.4f}", "acc": f"acc {accuracy:.4f}", "rate": _rate(images_per_second),
+              "eta": f"ETA {eta}"}
+    if not self.interactive:
+      self.stream.write(f"{_bar(done, 20)} " + " ".join(fields.values()) + "\n")
+    else:
+      width = max((self.width or _columns(self.stream)) - 1, 1)   # the last column would wrap on some terminals
+      compact = f"{step}/{self.total_steps} loss {loss:.3f} acc {accuracy:.3f} {eta}"
+      line = _fit(done, fields, compact, width)
+      self.stream.write("\r" + line + " " * max(0, min(self._shown, width) - len(line)))
+      self._shown = len(line)
     self.stream.flush()
 
   def message(self, text: str):
-    self.stream.write(("\n" if self.interactive else "") + text + "\n")
+    """A line of its own; on a terminal the progress line stays above it."""
+    self.stream.write(("\n" if self.interactive and self._shown else "") + text + "\n")
+    self._shown = 0
     self.stream.flush()

@@ -60,30 +60,33 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
   assert not np.array_equal(a, data.epoch_permutation(1, 3, 100))
 
 
-def test_sharded_train_batch_matches_unsharded():
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  split = data.Split(np.asarray(_images(64)), np.arange(64, dtype=np.int32))
-  replicated = data.to_device(split, NamedSharding(mesh, P()))
-  perm = data.epoch_permutation(0, 0, 64)
-  info = data.KNOWN["cifar10"]
+def _dataset(n):
+  split = data.Split(np.asarray(_images(n)), np.arange(n, dtype=np.int32))
+  return data.Dataset("cifar10", "test", split, split, data.KNOWN["cifar10"])
 
-  def batch(sharding):
-    return jax.jit(lambda s, p, k: data.train_batch(s, p, 1, 16, k, info.augmentation, info.mean, info.std,
-                                                    sharding))(replicated, perm, jax.random.key(0))
 
-  x_sharded, y_sharded = batch(NamedSharding(mesh, P("data")))
-  x, y = batch(None)
-  assert x_sharded.sharding.spec == P("data") or len(x_sharded.sharding.device_set) == 8
-  np.testing.assert_array_equal(x_sharded, x)
-  np.testing.assert_array_equal(y, np.asarray(perm)[16:32])
-  assert x.dtype == jnp.float32 and abs(float(x.mean())) < 1.5
+def test_device_batches_follow_the_epoch_order_on_one_and_eight_devices():
+  outs = []
+  for devices in (1, 8):
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:devices])
+    batches = data.DeviceBatches(_dataset(64), NamedSharding(mesh, P("data")), NamedSharding(mesh, P()), seed=0,
+                                 batch_size=16, eval_batch_size=16)
+    assert batches.steps_per_epoch() == 4
+    images, labels = list(batches.train_epoch(0, 1))[0]          # resumed at step 1
+    assert len(images.sharding.device_set) == devices
+    outs.append((np.asarray(images), np.asarray(labels)))
+  perm = np.asarray(data.epoch_permutation(0, 0, 64))
+  np.testing.assert_array_equal(outs[0][1], perm[16:32])
+  np.testing.assert_array_equal(outs[0][0], outs[1][0])
+  np.testing.assert_array_equal(outs[0][1], outs[1][1])
 
 
 def test_eval_batches_cover_every_example_once():
-  split = data.to_device(data.Split(np.asarray(_images(10)), np.arange(10, dtype=np.int32)))
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  batches = data.DeviceBatches(_dataset(10), NamedSharding(mesh, P("data")), NamedSharding(mesh, P()), seed=0,
+                               batch_size=4, eval_batch_size=4)
   seen = []
-  for i in range(data.num_eval_batches(10, 4)):
-    _, labels, mask = data.eval_batch(split, i, 4, 0.5, 0.25)
+  for _, labels, mask in batches.eval_batches():
     seen += np.asarray(labels)[np.asarray(mask)].tolist()
   assert seen == list(range(10))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from qflax import distill, train
+from batches import build
+from qflax import distill, quant, train
 from qflax import nn as qnn
-from qflax.methods import AAO, common
 
 BITS = (32, 8, 4, 2)
 
@@ -21,13 +21,16 @@ def _aao(config, **options):
   config.bits = BITS
   for k, v in options.items():
     config.method[k] = v
-  train.validate(config)
-  method = AAO(config, num_classes=4, steps_per_epoch=3)
+  method = build(config)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
-  state = method.init_state(jax.random.key(0), x[:1])
+  state = method.init_state(jax.random.key(0))
   return method, state, x, y
+
+
+def _loss(method, state, params, x, y, teachers, masks):
+  return method.loss(params, state.batch_stats["model"], x, y, teachers, masks)
 
 
 def test_step_compiles_once_whatever_is_drawn(tiny_config):
@@ -54,26 +57,26 @@ def test_step_compiles_once_whatever_is_drawn(tiny_config):
 def test_without_swapping_the_loss_is_the_sum_of_per_bit_losses(tiny_config, beta, temperature):
   method, state, x, y = _aao(tiny_config, teacher="fixed", swap=False, beta=beta, temperature=temperature)
   teachers, masks, _ = method.teachers_and_masks(state, jax.random.key(0))
-  loss, _ = method.loss(state.params, state, x, y, teachers, masks)
+  loss, _ = jax.jit(lambda p: _loss(method, state, p, x, y, teachers, masks))(state.params["model"])
 
   def logits(bits):
     plan = qnn.uniform_plan(method.num_blocks, bits, BITS)
-    out, _ = method.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, plan, train=True,
-                                mutable=["batch_stats"])
+    out, _ = method.model.apply({"params": state.params["model"], "batch_stats": state.batch_stats["model"]}, x,
+                                plan, train=True, mutable=["batch_stats"])
     return out
 
   z = {b: logits(b) for b in BITS}
   p_teacher = jax.nn.softmax(z[32] / temperature)
-  expected = common.cross_entropy(z[32], y)
+  expected = distill.cross_entropy(z[32], y)
   for b in BITS[1:]:
     kl = jnp.mean(jnp.sum(p_teacher * (jnp.log(p_teacher) - jax.nn.log_softmax(z[b] / temperature)), -1))
-    expected += (1 - beta) * common.cross_entropy(z[b], y) + beta * temperature**2 * kl
+    expected += (1 - beta) * distill.cross_entropy(z[b], y) + beta * temperature**2 * kl
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 def test_a_swapped_block_runs_at_the_teachers_bits_and_slot(tiny_config):
   method, state, x, _ = _aao(tiny_config)
-  model, variables = method.model, {"params": state.params, "batch_stats": state.batch_stats}
+  model, variables = method.model, method.network(state, 0).variables
   teacher, student = (qnn.uniform_plan(method.num_blocks, b, BITS) for b in (8, 2))
   mask = jnp.array([False, True, False])
   hybrid = qnn.mix_plans(mask, teacher, student)
@@ -121,11 +124,12 @@ def test_gradients_reach_the_teacher_slot_of_swapped_blocks(tiny_config):
   method, state, x, y = _aao(tiny_config, teacher="next", swap=True, beta=1.0)
   teachers, _, _ = method.teachers_and_masks(state, jax.random.key(0))
   masks = jnp.zeros((3, method.num_blocks), bool).at[2, 1].set(True)   # w2a2's block 1 runs at w4a4
-  grad = lambda m, w: jax.grad(lambda p: method.loss(p, state, x, y, teachers, m)[0])(state.params)
-  with_swap = _slot_grads(grad(masks, 1.0), BITS.index(4))
+  params = state.params["model"]
+  with_swap = _slot_grads(jax.jit(jax.grad(lambda p: _loss(method, state, p, x, y, teachers, masks)[0]))(params),
+                          BITS.index(4))
   no_swap_method, *_ = _aao(tiny_config, teacher="next", swap=False, beta=1.0)
-  without = _slot_grads(jax.grad(lambda p: no_swap_method.loss(p, state, x, y, teachers, masks)[0])(state.params),
-                        BITS.index(4))
+  without = _slot_grads(jax.jit(jax.grad(lambda p: _loss(no_swap_method, state, p, x, y, teachers, masks)[0]))(
+      params), BITS.index(4))
   assert any(not np.allclose(with_swap[k], without[k]) for k in with_swap)
 
 
@@ -144,9 +148,10 @@ def test_loop_and_vmap_bit_axes_agree(tiny_config):
   out = []
   for mode in ("loop", "vmap"):
     tiny_config.method.bit_axis = mode
-    m = AAO(tiny_config, num_classes=4, steps_per_epoch=3)
+    m = build(tiny_config)
     teachers, masks, _ = m.teachers_and_masks(state, jax.random.key(0))
-    out.append(jax.value_and_grad(lambda p: m.loss(p, state, x, y, teachers, masks)[0])(state.params))
+    out.append(jax.jit(jax.value_and_grad(lambda p: _loss(m, state, p, x, y, teachers, masks)[0]))(
+        state.params["model"]))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), out[0][1], out[1][1])
   assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(out[0][1]))
@@ -167,14 +172,14 @@ def test_switching_bit_width_at_inference_does_not_recompile(tiny_config):
 
 def test_integer_export_per_bit_width(tiny_config):
   method, state, x, _ = _aao(tiny_config)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  sizes = [method.model_bytes(state, k, x) for k in range(len(BITS))]
+  net = method.network(state, BITS.index(2))
+  sizes = [method.exported_bytes(state, k) for k in range(len(BITS))]
   assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0] / 2
-  exported = common.export_integer_model(method.model, variables, x, qnn.uniform_plan(method.num_blocks, 2, BITS))
-  entry = exported["blocks_1"]["conv"]["kernel"][0]
+  plan = qnn.PrecisionPlan(*(np.asarray(a) for a in net.plan))
+  _, exported = net.model.apply(net.variables, x[:1], plan, mutable=[qnn.EXPORT])
+  entry = exported[qnn.EXPORT]["blocks_1"]["conv"]["kernel"][0]
   assert entry["bits"] == 2 and int(np.max(entry["codes"])) < 4
-  kernel = state.params["blocks_1"]["conv"]["kernel"]
-  from qflax import quant
+  kernel = state.params["model"]["blocks_1"]["conv"]["kernel"]
   np.testing.assert_array_equal(quant.dequantize(quant.IntegerTensor(entry["codes"], entry["scale"],
                                                                      entry["zero_point"], 2)),
                                 quant.sat_weight(kernel, 2))

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from batches import tiny_batch
+import types
+
+from batches import build, tiny_batch
 from qflax import distill, train
-from qflax.methods import Progressive
 from qflax.methods.progressive import stage_bits, stochastic_precision_ratio
 
 
@@ -21,10 +22,9 @@ def _progressive(c, bits=(2,), **options):
   c.quant.weight_quantizer = "dorefa"
   c.quant.act_quantizer = "clamp"
   c.num_epochs = max(c.num_epochs, 4)
-  train.validate(c)
-  method = Progressive(c, num_classes=4, steps_per_epoch=3)
+  method = build(c)
   x, y = tiny_batch()
-  return method, jax.jit(method.init_state)(jax.random.key(0), x[:1]), x, y
+  return method, jax.jit(method.init_state)(jax.random.key(0)), x, y
 
 
 def _leaves_equal(a, b):
@@ -32,17 +32,17 @@ def _leaves_equal(a, b):
 
 
 def test_stage_sequences():
-  opts = {"stochastic_precision": False, "two_stage": False, "progressive_bits": (32, 8, 4)}
+  opts = types.SimpleNamespace(stochastic_precision=False, two_stage=False, progressive_bits=(32, 8, 4))
   assert stage_bits((4, 2), opts) == [[(32, 32)] * 2, [(8, 8)] * 2, [(4, 4)] * 2, [(4, 4), (2, 2)]]
-  opts.update(two_stage=True, progressive_bits=(8,))
+  opts.two_stage, opts.progressive_bits = True, (8,)
   assert stage_bits((2,), opts) == [[(8, 32)], [(8, 8)], [(2, 32)], [(2, 2)]]
-  opts.update(progressive_bits=())
+  opts.progressive_bits = ()
   assert stage_bits((2,), opts) == [[(2, 32)], [(2, 2)]]
 
 
 def test_stage_transitions_carry_the_weights_and_change_only_the_bits(tiny_config):
   method, state, x, y = _progressive(tiny_config, two_stage=True, progressive_bits=(8,))
-  assert [p.name for p in method.phases()] == ["stage1_w8a32", "stage2_w8a8", "stage3_w2a32", "stage4_w2a2"]
+  assert [p.name for p in method.phases] == ["stage1_w8a32", "stage2_w8a8", "stage3_w2a32", "stage4_w2a2"]
   plans = method.stage_plans
   for before, after in zip(plans, plans[1:]):
     np.testing.assert_array_equal(before.slot, after.slot)
@@ -51,16 +51,16 @@ def test_stage_transitions_carry_the_weights_and_change_only_the_bits(tiny_confi
   state, _ = step(state, x, y, jax.random.key(0), 0)
   moved = method.start_phase(state, 1)
   assert _leaves_equal(moved.params, state.params) and _leaves_equal(moved.batch_stats, state.batch_stats)
-  assert _leaves_equal(moved.opt_state, method._optimizer(1).init(state.params))
+  assert _leaves_equal(moved.opt_state, method.phases[1].optimizer.init({"students": state.params["students"]}))
   # The same weights give other outputs under the next stage's plan (the bits changed).
-  apply = lambda plan: method.student.apply(method._student_variables(moved, 0), x, jax.tree_util.tree_map(
+  apply = lambda plan: method.student.apply(method.network(moved, 0).variables, x, jax.tree_util.tree_map(
       lambda a: a[0], plan), train=False)
   assert not np.allclose(apply(plans[0]), apply(plans[1]))
 
 
 def test_stochastic_precision_quantizes_the_expected_fraction_and_compiles_once(tiny_config):
   method, state, x, y = _progressive(tiny_config, stochastic_precision=True)
-  total = method.phases()[0].num_epochs * 3
+  total = method.phases[0].num_epochs * 3
   traces = []
 
   def step(state, rng):
@@ -75,7 +75,7 @@ def test_stochastic_precision_quantizes_the_expected_fraction_and_compiles_once(
   assert len(traces) == 1
   assert ratios[0] == 0.5 and ratios[-1] == 1.0 and sorted(ratios) == ratios
 
-  draw = jax.jit(lambda step, key: method.plans(state.replace(step=step), key, 0)[0].w_bits < 32)
+  draw = jax.jit(lambda step, key: method.step_plans(state.replace(step=step), key, 0)[0].w_bits < 32)
   for step_index, expected in ((0, 0.5), (total // 4, 0.75), (total // 2, 0.875), (total - 1, 1.0)):
     quantized = np.mean([np.asarray(draw(step_index, jax.random.key(k))) for k in range(2000)])
     assert abs(quantized - expected) < 0.02, (step_index, quantized)
@@ -85,18 +85,17 @@ def test_stochastic_precision_quantizes_the_expected_fraction_and_compiles_once(
 
 def test_full_precision_blocks_use_their_own_batch_norm_slot(tiny_config):
   method, state, x, y = _progressive(tiny_config, stochastic_precision=True)
-  assert int(method.fp_plan.slot[0]) == 1 and int(method.stage_plans[0].slot[0, 0]) == 0
-  fp_only = method.fp_plan
-  _, updates = method.student.apply({"params": method._student_variables(state, 0)["params"],
-                                     "batch_stats": method._student_variables(state, 0)["batch_stats"]},
-                                    x, fp_only, train=True, mutable=["batch_stats"])
+  assert int(method.fp_plans.slot[0, 0]) == 1 and int(method.stage_plans[0].slot[0, 0]) == 0
+  fp_only = jax.tree_util.tree_map(lambda a: a[0], method.fp_plans)
+  _, updates = method.student.apply(method.network(state, 0).variables, x, fp_only, train=True,
+                                    mutable=["batch_stats"])
   mean = next(v for k, v in jax.tree_util.tree_leaves_with_path(updates["batch_stats"]) if "mean" in str(k[-1]))
   assert np.all(mean[0] == 0) and np.any(mean[1] != 0)   # only the full-precision slot moved
 
 
 def test_recalibration_phase_changes_only_batch_norm_statistics(tiny_config):
   method, state, x, y = _progressive(tiny_config, stochastic_precision=True, sp_batch_norm="recalibrate")
-  assert [p.name for p in method.phases()] == ["stochastic_precision", "bn_recalibration"]
+  assert [p.name for p in method.phases] == ["stochastic_precision", "bn_recalibration"]
   new_state, _ = jax.jit(method.train_step, static_argnums=4)(method.start_phase(state, 1), x, y,
                                                                jax.random.key(0), 1)
   assert _leaves_equal(new_state.params, state.params)
@@ -153,7 +152,7 @@ def test_hint_loss_and_stage_outputs():
     ("method.progressive_bits", (2,), "progressive_bits"),
     ("method.stochastic_precision", "yes", "stochastic_precision"),
     ("method.joint_kd", "hints", "joint_kd"),
-    ("method.stage_epochs", (1, 1), "stage_epochs"),
+    ("method.stage_epochs", (1, 1, 1), "stage_epochs"),
     ("bits", (32, 2), "bits"),
     ("method.lambda", 1.0, "unknown"),
 ])
@@ -176,3 +175,19 @@ def test_stochastic_precision_replaces_the_stages(tiny_config):
   tiny_config.method.stochastic_precision = True
   with pytest.raises(train.ConfigError, match="stochastic_precision"):
     train.validate(tiny_config)
+
+
+def test_guided_hints_compare_quantized_with_quantized(tiny_config):
+  method, state, x, y = _progressive(tiny_config, joint_kd="guided")
+  features = [jax.random.normal(jax.random.key(k), (4, 2, 2, 8)) for k in range(2)]
+  assert float(method.hint(features, features, 2)) == 0.0
+  # The old hint compared the quantized target with the raw signed feature: a floor above 0.
+  raw = distill.hint_loss(features, [method.hint_quantizer(h, 2) for h in features])
+  assert float(raw) > 0.1
+
+
+def test_every_student_has_its_own_slot(tiny_config):
+  method, state, x, y = _progressive(tiny_config, bits=(4, 2), stochastic_precision=True)
+  assert method.bit_set == (4, 2, 32)
+  np.testing.assert_array_equal(np.asarray(method.eval_plans.slot)[:, 0], [0, 1])   # 4-bit, 2-bit
+  np.testing.assert_array_equal(np.asarray(method.fp_plans.slot)[:, 0], [2, 2])

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from batches import tiny_batch
+from batches import build, tiny_batch
 from qflax import quant, train
-from qflax.methods import QKD
 
 
 def _qkd_config(c, phase_epochs=(1, 1, 1), teacher_epochs=0, **options):
@@ -35,11 +34,9 @@ def _qkd_config(c, phase_epochs=(1, 1, 1), teacher_epochs=0, **options):
 
 
 def _qkd(config, **options):
-  config = _qkd_config(config, **options)
-  train.validate(config)
-  method = QKD(config, num_classes=4, steps_per_epoch=3)
+  method = build(_qkd_config(config, **options))
   x, y = tiny_batch()
-  return method, jax.jit(method.init_state)(jax.random.key(0), x[:1]), x, y
+  return method, jax.jit(method.init_state)(jax.random.key(0)), x, y
 
 
 def _equal(a, b):
@@ -47,12 +44,13 @@ def _equal(a, b):
 
 
 def _phase(method, name):
-  return [p.name for p in method.phases()].index(name)
+  return [p.name for p in method.phases].index(name)
 
 
 def test_co_studying_updates_both_networks_and_tutoring_freezes_the_teacher(tiny_config):
   method, state, x, y = _qkd(tiny_config)
-  assert [p.name for p in method.phases()] == ["self_studying", "co_studying", "tutoring"]
+  assert [p.name for p in method.phases] == ["self_studying", "co_studying", "tutoring"]
+  assert [p.trains for p in method.phases] == [("student",), ("student", "teacher"), ("student",)]
   co = method.start_phase(state, _phase(method, "co_studying"))
   after, metrics = jax.jit(method.train_step, static_argnums=4)(co, x, y, jax.random.key(1), 1)
   assert np.isfinite(float(metrics["loss"]))
@@ -106,7 +104,7 @@ def test_every_phase_starts_with_a_fresh_optimizer(tiny_config):
   for i in range(2):
     state, _ = step(state, x, y, jax.random.key(i), 0)
   moved = method.start_phase(state, 1)
-  fresh = {n: tx.init(state.params[n]) for n, tx in method._optimizers(1).items()}
+  fresh = method.phases[1].optimizer.init({n: state.params[n] for n in method.phases[1].trains})
   assert not _equal(state.opt_state, fresh)     # momentum and step count had moved...
   assert _equal(moved.opt_state, fresh)         # ...and the new phase starts from zero
   # The schedule runs on the optimizer's step count, so it restarts with it.
@@ -147,10 +145,9 @@ def test_mobilenet_v2_uses_signed_intervals_for_bottleneck_outputs(tiny_config):
   config.model.name = "mobilenet_v2"
   config.model.options = {"width": 0.35, "cifar_stem": True}
   config.quant.signed_act_quantizer = "qil_signed"
-  train.validate(config)
-  method = QKD(config, num_classes=4, steps_per_epoch=3)
+  method = build(config, input_shape=(8, 8, 3))
   x, y = tiny_batch(size=8, channels=3)
-  state = jax.jit(method.init_state)(jax.random.key(0), x[:1])
+  state = jax.jit(method.init_state)(jax.random.key(0))
   flat = traverse_util.flatten_dict(state.params["student"])
   block_input = lambda i: next(v for k, v in flat.items() if f"blocks_{i}" in k and k[-1] == "input_centre")
   # The first block's input follows a ReLU6 (unsigned intervals, c - d = 0 at init);
@@ -187,7 +184,7 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
   qkd_state, _ = ckpt.restore_arrays()
   ckpt.close()
   # Tutoring only: the teacher is the fp run's final network, unchanged.
-  source = traverse_util.flatten_dict(fp_state["params"])
+  source = traverse_util.flatten_dict(fp_state["params"]["model"])
   teacher = traverse_util.flatten_dict(qkd_state["params"]["teacher"])
   assert teacher and all(path in source for path in teacher)
   for path, value in teacher.items():
@@ -207,7 +204,7 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("num_epochs", 7, "num_epochs"),
+    ("num_epochs", 2, "num_epochs"),
     ("method.phase_epochs", (1, 1), "phase_epochs"),
     ("method.phase_epochs", (0, 0, 0), "phase_epochs"),
     ("method.temperature", 0.0, "temperature"),
@@ -247,3 +244,11 @@ def test_resuming_mid_phase_restores_the_phase_and_both_networks(tiny_config, tm
   # The teacher changed only in co-studying: before == after SS, and after CS == after TU.
   acc = full["phase_accuracy"]
   assert acc["co_studying"]["teacher_w2a2"] == acc["tutoring"]["teacher_w2a2"]
+
+
+def test_phase_lengths_scale_to_num_epochs(tiny_config):
+  config = _qkd_config(tiny_config, phase_epochs=(30, 100, 70), teacher_epochs=200)
+  config.num_epochs = 8
+  method = build(config)
+  assert [(p.name, p.num_epochs) for p in method.phases] == [
+      ("teacher", 4), ("self_studying", 1), ("co_studying", 2), ("tutoring", 1)]

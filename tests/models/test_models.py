@@ -19,7 +19,7 @@ FP_SPEC = models.QuantSpec(bit_set=BIT_SET)
 
 
 def _plan(model, bits, bit_set=BIT_SET):
-  return qnn.uniform_plan(models.num_blocks(model), bits, bit_set)
+  return qnn.uniform_plan(model.num_blocks, bits, bit_set)
 
 
 @pytest.mark.parametrize("name,shape,classes,millions,tol", [
@@ -62,14 +62,14 @@ def _small(name, shape, options, spec=QSPEC):
 def test_segments_compose_to_the_full_forward(name, shape, options):
   model, x, variables = _small(name, shape, options)
   plan = qnn.make_plan(*zip(*[(b, b, BIT_SET.index(b)) for b in
-                              np.resize([4, 2, 32], models.num_blocks(model)).tolist()]), num_slots=3)
+                              np.resize([4, 2, 32], model.num_blocks).tolist()]), num_slots=3)
   full, features = model.apply(variables, x, plan, return_features=True)
-  assert len(features) == models.num_blocks(model)
+  assert len(features) == model.num_blocks
   h = model.apply(variables, x, method=model.stem)
-  split = models.num_blocks(model) // 2
+  split = model.num_blocks // 2
   h = model.apply(variables, h, plan, 0, split, method=model.run_blocks)
   np.testing.assert_array_equal(h, features[split - 1])
-  h = model.apply(variables, h, plan, split, models.num_blocks(model), method=model.run_blocks)
+  h = model.apply(variables, h, plan, split, model.num_blocks, method=model.run_blocks)
   np.testing.assert_array_equal(model.apply(variables, h, plan, method=model.head), full)
 
 
@@ -126,7 +126,7 @@ def test_tsm_clip_logits_are_the_mean_over_frames():
   logits = model.apply(variables, x, plan)
   assert logits.shape == (2, 10)
   h = model.apply(variables, x, method=model.stem)
-  h = model.apply(variables, h, plan, 0, models.num_blocks(model), method=model.run_blocks)
+  h = model.apply(variables, h, plan, 0, model.num_blocks, method=model.run_blocks)
   assert h.shape[0] == 8   # frames folded into the batch
 
 
@@ -144,3 +144,20 @@ def test_errors():
   model, x, variables = _small("resnet8", (2, 28, 28, 1), {})
   with pytest.raises(ValueError, match="precision plan has 5 blocks"):
     model.apply(variables, x, qnn.uniform_plan(5, 4, BIT_SET))
+
+
+def test_int8_classifier_input_is_quantized_unsigned():
+  """Pooled ReLU features are non-negative: a signed 8-bit grid would waste half its codes."""
+  import flax
+  from flax import traverse_util
+  spec = models.QuantSpec(bit_set=(4,), weight_quantizer="sat", act_quantizer="pact", first_last="int8")
+  model = models.get_model("resnet8", 10, spec)
+  plan = qnn.uniform_plan(model.num_blocks, 4, (4,))
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, plan)
+  _, sown = model.apply(variables, x, plan, mutable=[qnn.QUANT_STATS])
+  stats = {"/".join(k): v[0] for k, v in traverse_util.flatten_dict(flax.core.unfreeze(sown[qnn.QUANT_STATS])).items()}
+  classifier = next(v for k, v in stats.items() if k.startswith("classifier") and k.endswith("input"))
+  stem = next(v for k, v in stats.items() if k.startswith("stem") and k.endswith("input"))
+  assert float(classifier["zero_point"]) == 0 and float(stem["zero_point"]) == 128
+  assert int(classifier["levels_used"]) > 128

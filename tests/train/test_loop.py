@@ -107,20 +107,21 @@ def test_missing_data_fails_before_compute(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(tiny_config, tmp_path):
+def test_a_damaged_checkpoint_with_no_good_one_before_it_is_reported_and_kept(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   tiny_config.num_epochs = 1
+  tiny_config.checkpoint_every_steps = 100
   train.train_and_evaluate(tiny_config, workdir)
-  step_dir = os.path.join(workdir, "checkpoints", "latest", "3", "state")
+  step_dir = os.path.join(workdir, "checkpoints", "3", "state")
   victims = [os.path.join(root, f) for root, _, files in os.walk(step_dir) for f in files]
   assert victims
   for v in victims:
     with open(v, "wb") as f:
       f.write(b"\0garbage")
-  before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
-  with pytest.raises(train.CheckpointError, match="checkpoints/latest/3"):
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(train.CheckpointError, match="checkpoints/3"):
     train.train_and_evaluate(tiny_config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == before
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 def test_changed_config_is_not_resumed(tiny_config, tmp_path):

@@ -19,8 +19,8 @@ class RebuiltSpec(models.QuantSpec):
   included (their stored kernels are already quantized, and re-quantizing is not idempotent for
   SAT, DoReFa, QIL or per-channel uniform); activation quantizers as trained; one slot."""
 
-  def fixed_layer_settings(self):
-    settings, precision = super().fixed_layer_settings()
+  def fixed_layer_settings(self, role: str = "stem"):
+    settings, precision = super().fixed_layer_settings(role)
     return {**settings, "weight_quantizer": "none"}, precision
 
 

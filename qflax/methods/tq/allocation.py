@@ -4,7 +4,8 @@ Each layer's ``T`` (rows) and ``S`` (the matching columns) are cut into blocks;
 every block gets one bit-depth ``R`` in 0..8 (0 prunes it) and one step ``D``
 for the mid-tread quantizer ``q(t, R, D) = D clip(round(t / D), -2^(R-1), 2^(R-1) - 1)``.
 The distortion of a choice is the network's output MSE on calibration images
-with only that block quantized; blocks are assumed to add up.
+with only that block quantized (or, for the weight-error baseline, the block's
+weight error); blocks are assumed to add up.
 """
 
 from __future__ import annotations
@@ -78,12 +79,16 @@ class FrontierPoint(NamedTuple):
   rates: np.ndarray            # per block
 
 
-def lambda_sweep(distortion: np.ndarray, sizes: np.ndarray, total_weights: int, *, start: float = -30.0,
-                 stop: float = 10.0, step: float = 0.5) -> list[FrontierPoint]:
-  """The rate-distortion frontier: one point per ``lambda = 2^s``, ``s`` from ``start``
-  to ``stop`` in steps of ``step`` (rates fall as ``lambda`` grows)."""
+def sweep_exponents(start: float = -30.0, stop: float = 10.0, step: float = 0.5) -> np.ndarray:
+  """The exponents ``s`` of the Lagrange multipliers ``lambda = 2^s`` of a sweep."""
+  return np.arange(start, stop + step / 2, step)
+
+
+def lambda_sweep(distortion: np.ndarray, sizes: np.ndarray, total_weights: int, **sweep) -> list[FrontierPoint]:
+  """The rate-distortion frontier: one point per ``lambda = 2^s`` for ``s`` in
+  :func:`sweep_exponents` (``start``, ``stop``, ``step``); rates fall as ``lambda`` grows."""
   points = []
-  for s in np.arange(start, stop + step / 2, step):
+  for s in sweep_exponents(**sweep):
     rates = allocate(distortion, sizes, 2.0 ** s)
     bits = float(np.sum(rates * sizes)) / total_weights
     points.append(FrontierPoint(float(s), bits, float(np.sum(distortion[np.arange(len(rates)), rates])), rates))

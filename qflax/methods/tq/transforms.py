@@ -16,6 +16,7 @@ import scipy.linalg
 
 TRANSFORMS = ("identity", "klt", "elt")
 MODES = ("row", "column")
+EPS_NORMS = ("frobenius", "spectral")
 
 
 class Factorisation(NamedTuple):
@@ -54,25 +55,35 @@ def klt_basis(c_ww: np.ndarray) -> np.ndarray:
   return vectors[:, np.argsort(values)[::-1]]
 
 
-def elt_basis(c_ww: np.ndarray, c_gg: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-  """``(U, eigenvalues)`` with ``U^T C_ww U`` diagonal and ``U^T C^-1 U = I``, where
-  ``C = C_gg + eps ||C_gg||_2 I``: the generalised symmetric eigenproblem
-  ``eigh(C_ww, C^-1)`` (the end-to-end learned transform), by decreasing eigenvalue."""
+def regularised(c_gg: np.ndarray, eps: float = 1e-3, norm: str = "frobenius") -> np.ndarray:
+  """``C = C_gg + eps ||C_gg|| I`` with the Frobenius norm ``||C||_F = sqrt(sum C_ij^2)`` (the norm
+  of the authors' released code) or the spectral norm ``||C||_2 = max |eigenvalue|``."""
+  if norm not in EPS_NORMS:
+    raise ValueError(f"norm={norm!r} is unknown; allowed: {EPS_NORMS}")
   c = np.asarray(c_gg, np.float64)
-  c = c + eps * np.linalg.norm(c, 2) * np.eye(len(c))
+  return c + eps * np.linalg.norm(c, "fro" if norm == "frobenius" else 2) * np.eye(len(c))
+
+
+def elt_basis(c_ww: np.ndarray, c_gg: np.ndarray, eps: float = 1e-3,
+              norm: str = "frobenius") -> tuple[np.ndarray, np.ndarray]:
+  """``(U, eigenvalues)`` with ``U^T C_ww U`` diagonal and ``U^T C^-1 U = I``, where
+  ``C = C_gg + eps ||C_gg|| I`` (:func:`regularised`; ``norm`` picks the matrix norm): the
+  generalised symmetric eigenproblem ``eigh(C_ww, C^-1)`` (the end-to-end learned transform
+  of Young et al., TPAMI 2021), by decreasing eigenvalue."""
+  c = regularised(c_gg, eps, norm)
   values, u = scipy.linalg.eigh(np.asarray(c_ww, np.float64), np.linalg.inv(c))
   order = np.argsort(values)[::-1]
   return u[:, order], values[order]
 
 
 def factorise(kernel, transform: str = "klt", *, mode: str = "row", c_gg=None, eps: float = 1e-3,
-              groups: int = 1) -> Factorisation:
+              eps_norm: str = "frobenius", groups: int = 1) -> Factorisation:
   """``W = S T`` for one layer (identity for grouped convolutions).
 
   ``klt``: ``S = U`` (orthonormal eigenvectors of ``W W^T``). ``elt``: ``S`` = the
   columns of ``inv(U^T)`` normalised to unit length, ``U`` from :func:`elt_basis`
   (``c_gg`` is the covariance of the output gradients with respect to the rows
-  of ``W``). ``A = inv(S)``, ``T = A W``.
+  of ``W``; ``eps`` and ``eps_norm`` regularise it). ``A = inv(S)``, ``T = A W``.
 
   Example:
     >>> f = factorise(kernel, "klt");  np.allclose(f.S @ f.T, kernel_matrix(kernel))
@@ -90,7 +101,7 @@ def factorise(kernel, transform: str = "klt", *, mode: str = "row", c_gg=None, e
   else:
     if c_gg is None:
       raise ValueError("the ELT needs c_gg, the gradient covariance of the layer")
-    u, _ = elt_basis(w @ w.T, c_gg, eps)
+    u, _ = elt_basis(w @ w.T, c_gg, eps, eps_norm)
     s = np.linalg.inv(u.T)
     s = s / np.linalg.norm(s, axis=0, keepdims=True)
   t = np.linalg.solve(s, w)

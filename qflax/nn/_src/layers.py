@@ -23,7 +23,25 @@ from qflax.nn._src.precision import BlockPrecision, check_bit_set, check_slot
 CALIBRATION = "calibration"
 FLOPS = "flops"   # when mutable, layers sow their multiply-accumulates per example
 EXPORT = "export"  # when mutable (concrete precision), layers sow their exported kernel
+QUANT_STATS = "quant_stats"   # when mutable (concrete precision), layers sow their code statistics
 Initializer = Callable[..., jax.Array]
+# Learnable quantizer scalars are named ``<role>_<parameter>``: ``input`` for the
+# activation quantizer (e.g. ``input_alpha``), ``kernel`` for the weight quantizer.
+QUANTIZER_ROLES = ("input", "kernel")
+
+
+def quantizer_param(path) -> str | None:
+  """``"input"`` or ``"kernel"`` when ``path`` (a parameter's key path, or its last key)
+  names a learnable quantizer scalar of a :class:`QuantConv` / :class:`QuantDense`
+  (activation or weight quantizer), else ``None``. The one place this naming is read.
+
+  Example:
+    >>> quantizer_param(("blocks_0", "conv", "input_alpha"))
+    'input'
+  """
+  name = path if isinstance(path, str) else path[-1]
+  role, _, rest = str(name).partition("_")
+  return role if rest and role in QUANTIZER_ROLES else None
 
 
 def _slot_params(module: nn.Module, quantizer: quant.Quantizer, prefix: str, bit_set: tuple[int, ...],
@@ -56,8 +74,8 @@ def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array, precis
   aq = quant.get_quantizer(act_quantizer, "activation")
 
   act_defaults = {**aq.defaults, **(act_param_init or {})}
-  a_params = _slot_params(module, aq, "input", bit_set, lambda b: act_defaults, slot)
-  w_params = _slot_params(module, wq, "kernel", bit_set, lambda b: wq.init(kernel, b), slot)
+  a_params = _slot_params(module, aq, QUANTIZER_ROLES[0], bit_set, lambda b: act_defaults, slot)
+  w_params = _slot_params(module, wq, QUANTIZER_ROLES[1], bit_set, lambda b: wq.init(kernel, b), slot)
 
   if module.is_mutable_collection(CALIBRATION) and not module.is_initializing():
     if aq.param_names:
@@ -66,7 +84,36 @@ def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array, precis
       module.sow(CALIBRATION, "kernel", {"slot": slot, **wq.init(kernel, w_bits)})
   if module.is_mutable_collection(EXPORT) and not module.is_initializing():
     module.sow(EXPORT, "kernel", export_kernel(wq, kernel, precision.w_bits, w_params))
+  if module.is_mutable_collection(QUANT_STATS) and not module.is_initializing():
+    for role, q, value, bits, params in (("input", aq, x, precision.a_bits, a_params),
+                                         ("kernel", wq, kernel, precision.w_bits, w_params)):
+      stats = quantizer_statistics(q, value, bits, params)
+      if stats is not None:
+        module.sow(QUANT_STATS, role, stats)
   return aq.apply(x, a_bits, a_params), wq.apply(kernel, w_bits, w_params)
+
+
+def quantizer_statistics(quantizer: quant.Quantizer, x: jax.Array, bits, params) -> dict | None:
+  """What a health monitor reads of one quantizer on one tensor: the code statistics
+  (:func:`qflax.quant.code_statistics`) of ``x``'s integer form, the quantizer's
+  parameters at this slot, ``bits``, the mean zero point (0 for unsigned codes) and
+  the RMS of ``x`` (to tell a stuck parameter from a frozen layer). ``None`` for full
+  precision, parameter-free identity quantizers, or bits not known at trace time."""
+  if isinstance(bits, jax.core.Tracer):
+    return None
+  value = int(np.asarray(bits))   # NumPy: a jnp op on it would be traced under jit
+  if quantizer.name == "none" or value >= quant.FULL_PRECISION:
+    return None
+  encoded = quantizer.integer(x, value, params)
+  codes = encoded.codes.reshape(-1)
+  zero_point = jnp.mean(jnp.asarray(encoded.zero_point, jnp.float32))
+  # The share at the extreme codes present: the top one, and the bottom one for signed codes
+  # (an unsigned quantizer's bottom code is its zero, not a clip).
+  at_top = codes == jnp.max(codes)
+  at_clip = jnp.where(zero_point > 0, at_top | (codes == jnp.min(codes)), at_top)
+  return {**quant.code_statistics(encoded), "clip_fraction": jnp.mean(at_clip.astype(jnp.float32)), **{f"param_{k}": jnp.asarray(v, jnp.float32) for k, v in params.items()},
+          "bits": jnp.int32(value), "zero_point": zero_point,
+          "rms": jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))}
 
 
 def export_kernel(quantizer: quant.Quantizer, kernel: jax.Array, w_bits, params) -> dict:
@@ -77,7 +124,8 @@ def export_kernel(quantizer: quant.Quantizer, kernel: jax.Array, w_bits, params)
   bits = quant.check_bits(w_bits, "w_bits")
   bits_value = int(np.asarray(bits))
   if quantizer.name == "none" or bits_value >= quant.FULL_PRECISION:
-    return {"float": kernel}
+    # The kernel the layer runs with (some weight quantizers normalise at full precision).
+    return {"float": quantizer.apply(kernel, bits_value, params)}
   encoded = quantizer.integer(kernel, bits_value, params)
   return {"codes": encoded.codes, "scale": jnp.asarray(encoded.scale), "zero_point": jnp.asarray(encoded.zero_point),
           "bits": bits_value}

@@ -1,0 +1,223 @@
+"""The command line: ``qflax-train`` (installed) and ``python launch.py`` (a clone).
+
+  qflax-train --config aao_cifar100 --workdir runs/aao --config.num_epochs=10
+  qflax-train --config configs/quickstart.py --config.bits='(32,2)'
+  qflax-train --list                      # methods, models, datasets and every config field
+
+``--config`` is a config file or the name of a shipped recipe (``qflax/configs``);
+``--config.<field>=<value>`` overrides a field (values are Python literals, or plain
+strings). Every mistake ends in one line naming the cause (exit code 2), before any
+compute, and leaves the workdir as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+EXIT_USAGE = 2
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+class UsageError(Exception):
+  """A command-line mistake; the message is the one line shown."""
+
+
+def recipe_names() -> list[str]:
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config(name: str) -> str:
+  """A config file path, or a shipped recipe's name (``aao_cifar100`` or ``aao_cifar100.py``)."""
+  if os.path.isfile(name):
+    return name
+  shipped = os.path.join(CONFIG_DIR, os.path.basename(name) if name.endswith(".py") else name + ".py")
+  if os.path.dirname(name) in ("", "configs") and os.path.isfile(shipped):
+    return shipped
+  raise UsageError(f"config {name!r} is neither a file nor a shipped recipe; recipes: {', '.join(recipe_names())}")
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config, overrides: list[tuple[str, str]]):
+  """Sets ``field=value`` pairs on ``config`` (a ConfigDict); an unknown field, or a
+  value of the wrong type, raises :class:`UsageError` (with "did you mean")."""
+  import ml_collections
+
+  from qflax import methods, options
+  for path, text in overrides:
+    *parents, leaf = path.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise UsageError(options.unknown_fields_message(".".join(parents[:i]), [part], known))
+      node = node[part]
+    value = _literal(text)
+    if leaf not in node and not _may_add(node, parents, leaf, config):
+      known = list(node.keys())
+      if parents == ["method"]:
+        known += [f.name for f in methods.get_method(config.method.name).Options.declared()]
+      raise UsageError(options.unknown_fields_message(".".join(parents), [leaf], sorted(set(known))))
+    try:
+      with node.unlocked() if hasattr(node, "unlocked") else _nothing():
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise UsageError(f"config field {path}={text} is invalid: {str(e).splitlines()[0]}") from None
+
+
+class _nothing:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _may_add(node, parents, leaf, config) -> bool:
+  """A field the config file did not set but its section declares: a method option,
+  or a model option (free-form, checked when the model is built)."""
+  from qflax import methods
+  if parents == ["method"] and config.method.name in methods.method_names():
+    return leaf in {f.name for f in methods.get_method(config.method.name).Options.declared()}
+  return parents[:2] == ["model", "options"] or parents[-1:] == ["act_param_init"]
+
+
+def describe() -> str:
+  """What ``--list`` prints."""
+  from qflax import data, methods, models
+  from qflax.train import config as config_lib
+  lines = [f"methods:  {', '.join(methods.method_names())}", f"models:   {', '.join(models.model_names())}",
+           f"datasets: {', '.join(data.dataset_names())}", f"recipes:  {', '.join(recipe_names())}", "",
+           "config fields (default) [allowed]:"]
+  for field, default, doc in config_lib.describe():
+    lines.append(f"  {field} = {default}  {doc}")
+  return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="qflax-train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="quickstart", help="config file or shipped recipe name")
+  parser.add_argument("--workdir", default=None, help="where checkpoints, logs and results go "
+                      "(default: runs/<config name>)")
+  parser.add_argument("--mode", default="train", choices=("train", "evaluate", "export"),
+                      help="train (resumes), evaluate every variant of --workdir, or export it")
+  parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+  parser.add_argument("--list", action="store_true", help="list methods, models, datasets and config fields")
+  return parser
+
+
+def parse(argv: list[str]):
+  """``(arguments, overrides)``; ``--config.a.b=v`` (or ``--config.a.b v``) pairs are the overrides."""
+  overrides, rest, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise UsageError(f"{arg} needs a value (--config.{key}=VALUE)")
+        value, i = argv[i + 1], i + 1
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  parser = _parser()
+  args, unknown = parser.parse_known_args(rest)
+  if unknown:
+    raise UsageError(f"unexpected arguments {unknown}; see --help")
+  return args, overrides
+
+
+def _workdir(args, must_exist: bool = False) -> str:
+  if must_exist and not args.workdir:
+    raise UsageError(f"--mode={args.mode} needs --workdir (a run's directory)")
+  workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir} is a file, not a directory")
+  if must_exist and not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir} does not exist")
+  return workdir
+
+
+def _after_training(mode: str, workdir: str, overrides) -> int:
+  """``evaluate``: every variant of the run (``--config.dataset.*`` overrides choose
+  another dataset) into ``<workdir>/evaluation.json``; ``export``: ``<workdir>/export/``."""
+  import json
+
+  from qflax.train import config as config_lib
+  from qflax.train import saved
+  run = saved.load(workdir)
+  if mode == "export":
+    manifest = saved.export(run)
+    print(f"exported {', '.join(manifest['files'])} and {manifest['stablehlo']['file']} to {workdir}/export")
+    return 0
+  bad = [k for k, _ in overrides if not k.startswith("dataset.")]
+  if bad:
+    raise UsageError(f"--mode=evaluate takes only --config.dataset.* overrides, not {bad}")
+  apply_overrides(run.config, overrides)
+  dataset = config_lib.load(run.config).loop.dataset
+  accuracies = saved.evaluate(run, dataset)
+  with open(os.path.join(workdir, "evaluation.json"), "w") as f:
+    json.dump({"step": run.step, "dataset": dataset.name, "accuracy": accuracies}, f, indent=2)
+  print("evaluation: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
+  return 0
+
+
+def run(argv: list[str]) -> int:
+  """The command; returns the exit code."""
+  from absl import logging
+  args, overrides = parse(argv)
+  if args.list:
+    print(describe())
+    return 0
+  logging.set_verbosity(logging.WARNING)   # keep Orbax's per-save INFO lines off the console
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  from qflax import data, train
+  if args.mode != "train":
+    try:
+      return _after_training(args.mode, _workdir(args, must_exist=True), overrides)
+    except (train.ConfigError, data.DataUnavailableError, train.CheckpointError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return EXIT_USAGE
+  try:
+    config = train.load_config_file(resolve_config(args.config))
+  except (SyntaxError, AttributeError, ImportError) as e:
+    raise UsageError(f"config {args.config} could not be loaded: {type(e).__name__}: {e}") from None
+  apply_overrides(config, overrides)
+  if args.distributed:
+    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+      config.distributed = True
+  workdir = _workdir(args)
+  try:
+    if args.mode == "train":
+      train.train_and_evaluate(config, workdir)
+    else:
+      _after_training(args.mode, workdir, overrides)
+  except train.TrainingInterrupted as e:
+    print(str(e), file=sys.stderr)
+    return 128 + e.signum
+  except (train.ConfigError, data.DataUnavailableError, train.CheckpointError, train.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    code = run(argv)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    code = EXIT_USAGE
+  sys.exit(code)

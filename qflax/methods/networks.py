@@ -1,0 +1,88 @@
+"""A method's networks: models from the run settings, precision plans, stacked
+replicas, the bit axis (a loop or ``vmap`` over per-bit-width computations), and
+quantizer calibration of replicas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qflax import models
+from qflax import nn as qnn
+from qflax.options import RunSettings
+
+
+def build_model(run: RunSettings, num_classes: int, bit_set=None) -> models.Network:
+  """The run's model with its quantizers serving ``bit_set`` (``None``: full precision,
+  no quantizers)."""
+  spec = models.QuantSpec() if bit_set is None else run.quant.spec(bit_set)
+  return run.model.build(num_classes, spec)
+
+
+def variant_name(w_bits: int, a_bits: int) -> str:
+  return "fp32" if w_bits >= 32 and a_bits >= 32 else f"w{w_bits}a{a_bits}"
+
+
+def stacked_plans(model: models.Network, bit_set) -> qnn.PrecisionPlan:
+  """One uniform plan per bit-width in ``bit_set``, stacked: fields ``(K, num_blocks)``."""
+  plans = [qnn.uniform_plan(model.num_blocks, b, bit_set) for b in bit_set]
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *plans)
+
+
+def plan_at(plans: qnn.PrecisionPlan, index) -> qnn.PrecisionPlan:
+  """Plan ``index`` (static or traced) of stacked plans."""
+  return jax.tree_util.tree_map(lambda a: a[index], plans)
+
+
+def replica(tree, index):
+  """Replica ``index`` (traced or static) of a tree stacked on its leading axis."""
+  return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+
+def stack_replicas(tree, count: int):
+  """``count`` identical replicas of ``tree`` on a new leading axis."""
+  return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (count,) + jnp.shape(a)), tree)
+
+
+def resolve_bit_axis(mode: str) -> str:
+  """``auto`` is the faster mode measured per backend (BENCHMARKS.md): ``loop`` on
+  CPU, where XLA runs convolutions with batched kernels as slow grouped
+  convolutions, and ``vmap`` on GPU/TPU."""
+  if mode == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return mode
+
+
+def map_bit_axis(fn, mode: str, *stacked):
+  """``fn`` over the leading (bit-width) axis of ``stacked``, results stacked.
+
+  ``mode="loop"`` unrolls a Python loop (one program per bit-width);
+  ``mode="vmap"`` vectorises; ``mode="auto"`` picks per backend
+  (:func:`resolve_bit_axis`). Both compute the same values up to float summation
+  order (and max-pool tie-breaking, where pooled values tie exactly).
+  """
+  if resolve_bit_axis(mode) == "vmap":
+    return jax.vmap(fn)(*stacked)
+  size = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  outs = [fn(*jax.tree_util.tree_map(lambda a: a[k], stacked)) for k in range(size)]
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+
+def calibration_apply(model: models.Network):
+  """``apply(variables, x, plan, mutable)`` for :func:`qflax.nn.calibrate`: the forward
+  pass normalises with batch statistics, as in training (BatchNorm's running
+  averages are still at their initial values before the first step), and leaves the
+  running statistics as they were."""
+  def apply(variables, x, plan, mutable):
+    out, state = model.apply(variables, x, plan, train=True, mutable=list(mutable) + ["batch_stats"])
+    return out, {k: v for k, v in state.items() if k != "batch_stats"}
+  return apply
+
+
+def calibrate_replicas(model: models.Network, plans: qnn.PrecisionPlan, params, batch_stats, batches):
+  """Quantizer scalars of stacked replicas (replica ``k`` at plan ``k``) from calibration batches."""
+  calibrated = []
+  for k in range(plans.w_bits.shape[0]):
+    variables = {"params": replica(params, k), "batch_stats": replica(batch_stats, k)}
+    calibrated.append(qnn.calibrate(calibration_apply(model), variables, batches, [plan_at(plans, k)])["params"])
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *calibrated)

@@ -1,0 +1,117 @@
+"""After training: load, evaluate and export a run, and the StableHLO artifact in plain JAX."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qflax import export, train
+from qflax.train import saved
+
+# Methods and the options that make each a tiny run (``tiny_config`` is qat on synthetic data).
+METHODS = {
+    "qat": {},
+    "aao": {"bits": (8, 2)},
+    "qkd": {"bits": (2,), "method": {"teacher_model": "convnet", "teacher_options": {"widths": (4, 8, 8)},
+                                     "phase_epochs": (1, 0, 1)}, "quant": {"weight_quantizer": "qil",
+                                                                            "act_quantizer": "qil"}},
+    "cmtkd": {"bits": (2,), "method": {"teacher_bits": (4,), "warmup_epochs": 1},
+              "quant": {"weight_quantizer": "uniform_layer", "act_quantizer": "hwgq"}},
+    "progressive": {"bits": (2,), "method": {"joint_kd": "mutual"},
+                    "quant": {"weight_quantizer": "dorefa", "act_quantizer": "clamp"}},
+}
+
+
+def _configure(config, name):
+  settings = METHODS[name]
+  config.method = {"name": name, "bit_axis": "auto", **settings.get("method", {})}
+  config.bits = settings.get("bits", config.bits)
+  config.quant.update(settings.get("quant", {}))
+  config.num_devices = 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One finished tiny run per method, and a tq run of an fp run."""
+  from conftest import make_tiny_config
+  root = tmp_path_factory.mktemp("runs")
+  out = {}
+  for name in METHODS:
+    config = _configure(make_tiny_config(), name)
+    out[name] = (str(root / name), train.train_and_evaluate(config, str(root / name)))
+  fp = make_tiny_config()
+  fp.method.name, fp.bits, fp.num_devices = "fp", (32,), 1
+  fp.model.options.head_type = "avg"
+  train.train_and_evaluate(fp, str(root / "fp"))
+  tq = fp.copy_and_resolve_references()
+  tq.method = {"name": "tq", "bit_axis": "auto", "checkpoint": str(root / "fp"), "transforms": ("klt",),
+               "target_rates": (2.0,), "num_blocks": 2}
+  tq.quant.calibrate_batches = 1
+  tq.optimizer.learning_rate = 1e-3
+  out["tq"] = (str(root / "tq"), train.train_and_evaluate(tq, str(root / "tq")))
+  return out
+
+
+@pytest.mark.parametrize("name", list(METHODS) + ["tq"])
+def test_load_and_evaluate_reproduce_the_reported_accuracy(runs, name):
+  workdir, results = runs[name]
+  run = saved.load(workdir)
+  assert [v.name for v in run.variants] == [v["name"] for v in results["variants"]]
+  accuracies = saved.evaluate(run)
+  assert accuracies == {v["name"]: v["accuracy"] for v in results["variants"]}
+
+
+def test_model_bytes_is_the_integer_file_and_export_round_trips(runs, tmp_path):
+  workdir, results = runs["aao"]
+  run = saved.load(workdir)
+  manifest = saved.export(run, str(tmp_path))
+  assert manifest["files"] == {"switchable.qfx": {"variants": ["w8a8", "w2a2"],
+                                                  "bytes": (tmp_path / "switchable.qfx").stat().st_size}}
+  loaded = export.load(str(tmp_path / "switchable.qfx"))
+  images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1)).astype(np.uint8)
+  for k, variant in enumerate(run.variants):
+    model, variables, plan = export.rebuild(loaded, variant.name)
+    x = (images / 255.0 - np.asarray(run.mean)) / np.asarray(run.std)
+    np.testing.assert_allclose(model.apply(variables, x.astype(np.float32), plan), run.predict(images, k),
+                               rtol=1e-5, atol=1e-5)
+    single = run.method.integer_model(run.state, [k])
+    assert results["variants"][k]["model_bytes"] == len(export.to_bytes(single))
+  sizes = [v["model_bytes"] for v in results["variants"]]
+  assert sizes[1] < sizes[0]                      # w2a2 packs four codes a byte
+
+
+def test_the_stablehlo_artifact_runs_without_qflax_training_code(runs, tmp_path):
+  workdir, _ = runs["qkd"]                        # students and teachers: a cond on the variant index
+  run = saved.load(workdir)
+  saved.export(run, str(tmp_path))
+  images = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 1)).astype(np.uint8)
+  np.save(tmp_path / "images.npy", images)
+  script = f"""
+import sys, jax, numpy as np
+from jax import export
+exported = export.deserialize(open({str(tmp_path / 'model.stablehlo')!r}, 'rb').read())
+images = np.load({str(tmp_path / 'images.npy')!r})
+out = [np.asarray(exported.call(images, np.int32(k))) for k in range({len(run.variants)})]
+np.save({str(tmp_path / 'out.npy')!r}, np.stack(out))
+assert not any(m.startswith('qflax') for m in sys.modules), [m for m in sys.modules if m.startswith('qflax')]
+"""
+  subprocess.run([sys.executable, "-c", script], check=True, timeout=300, env={"JAX_PLATFORMS": "cpu",
+                                                                               "PATH": "/usr/bin:/bin"})
+  out = np.load(tmp_path / "out.npy")
+  for k in range(len(run.variants)):
+    np.testing.assert_allclose(out[k], run.predict(images, k), rtol=1e-5, atol=1e-5)
+  manifest = json.loads((tmp_path / "manifest.json").read_text())
+  assert manifest["variants"] == [v.name for v in run.variants]
+
+
+def test_a_workdir_that_holds_no_run_is_refused(tmp_path):
+  with pytest.raises(train.CheckpointError, match="not a qflax run"):
+    saved.load(str(tmp_path))
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(train.CheckpointError, match="not JSON"):
+    saved.load(str(tmp_path))
