@@ -200,10 +200,7 @@ def run(argv: list[str]) -> int:
       config.distributed = True
   workdir = _workdir(args)
   try:
-    if args.mode == "train":
-      train.train_and_evaluate(config, workdir)
-    else:
-      _after_training(args.mode, workdir, overrides)
+    train.train_and_evaluate(config, workdir)
   except train.TrainingInterrupted as e:
     print(str(e), file=sys.stderr)
     return 128 + e.signum

@@ -3,13 +3,12 @@
   python -m qflax.compare runs/quickstart runs/aao_fmnist runs/qkd_fmnist --out runs/comparison
 
 writes ``comparison.md`` (one row per variant of every run: run, method, variant, weight and
-activation bits, top-1 accuracy, model size), ``comparison.svg`` (accuracy against bit-width, one
-series per run) and ``comparison_size.svg`` (accuracy against the exported model size in bytes, log
-scale). As in ``results.md``, a line joins a run's points only when they are one switchable network
-(``"switchable": true``); separate dedicated models get markers only.
+activation bits, top-1 accuracy, model size) and ``comparison.svg`` (accuracy against bit-width,
+one colour per run). As in ``results.md``, a line joins a run's points only when they are one
+switchable network (``"switchable": true``); separate dedicated models get markers only.
 
 A workdir without ``results.json``, or with a damaged one, gets one line naming it (exit code 2) and
-nothing is written. Reads JSON only: no JAX, no training code is imported.
+nothing is written. It reads JSON only; nothing is trained or evaluated.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import math
 import os
 import sys
 from xml.sax.saxutils import escape, quoteattr
+
+from qflax.train import results as results_lib
 
 EXIT_USAGE = 2
 RESULTS_FILE = "results.json"
@@ -145,3 +146,63 @@ def comparison_markdown(runs: list[tuple[str, dict]], images: tuple[str, ...] = 
   if images:
     lines += [""] + [f"![{os.path.splitext(name)[0]}]({name})" for name in images]
   return "\n".join(lines) + "\n"
+
+
+# --- the plot --------------------------------------------------------------------------------------------------
+
+
+def comparison_svg(runs: list[tuple[str, dict]]) -> str:
+  """Accuracy against bit-width for every run (one colour each), on one set of axes."""
+  variants = [v for _, r in runs for v in r["variants"]]
+  _, labels = results_lib._points(variants)
+  accuracies = [v["accuracy"] for v in variants if math.isfinite(v["accuracy"])]
+  frame = results_lib._Frame(labels, results_lib.y_ticks(min(accuracies, default=0.0), max(accuracies, default=1.0)),
+                             legend_rows=len(runs))
+  parts = frame.axes("top-1 accuracy vs bit-width")
+  for k, (label, r) in enumerate(runs):
+    color = PALETTE[k % len(PALETTE)]
+    points, _ = results_lib._points(r["variants"])
+    xy = [(frame.x[bits], frame.y(100 * a)) for bits, a, _ in points]
+    if r.get("switchable") and len(xy) > 1:
+      path = " ".join(f"{'L' if i else 'M'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(xy))
+      parts.append(f'<path class="line" d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+    for (bits, a, name), (x, y) in zip(points, xy):
+      parts.append(f'<circle class="point" data-run={quoteattr(label)} data-variant={quoteattr(name)} '
+                   f'data-bits="{bits}" cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}">'
+                   f"<title>{escape(label)} {escape(name)}: {100 * a:.2f}%</title></circle>")
+    y = frame.top + frame.plot_h + 60 + 16 * k
+    parts.append(f'<g class="legend"><circle cx="{frame.left + 8}" cy="{y - 4}" r="4" fill="{color}"/>'
+                 f'<text x="{frame.left + 20}" y="{y}" font-size="11">{escape(label)}</text></g>')
+  parts.append("</svg>")
+  return "\n".join(parts)
+
+
+def compare(workdirs: list[str], out: str) -> list[str]:
+  """Writes ``comparison.md`` and ``comparison.svg`` to ``out``; returns their paths.
+  Every workdir is read and checked before anything is written."""
+  runs = list(zip(run_labels(workdirs), [read_results(w) for w in workdirs]))
+  os.makedirs(out, exist_ok=True)
+  paths = [os.path.join(out, "comparison.md"), os.path.join(out, "comparison.svg")]
+  with open(paths[1], "w", encoding="utf-8") as f:
+    f.write(comparison_svg(runs))
+  with open(paths[0], "w", encoding="utf-8") as f:
+    f.write(comparison_markdown(runs, images=("comparison.svg",)))
+  return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="qflax-compare", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("workdirs", nargs="+", help="finished runs (each holds results.json)")
+  parser.add_argument("--out", default="comparison", help="where comparison.md and comparison.svg go")
+  args = parser.parse_args(argv)
+  try:
+    paths = compare(args.workdirs, args.out)
+  except CompareError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+  print("wrote " + ", ".join(paths))
+
+
+if __name__ == "__main__":
+  main()

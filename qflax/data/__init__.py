@@ -2,7 +2,7 @@
 
 Small datasets load into memory (:func:`load_dataset`) and are batched on the
 devices (:class:`DeviceBatches`); large image and video datasets stream through
-:class:`StreamingPipeline` (:class:`StreamedBatches`). Augmentation
+:class:`StreamingPipeline`, built on grain (:class:`StreamedBatches`). Augmentation
 (:func:`augment`) and normalisation (:func:`normalize`) run inside the jitted step.
 """
 

@@ -2,7 +2,8 @@
 
 Reads a random-access source (``tfds.data_source(...)[split]``, or any sequence
 of ``{"image": uint8, "label": int}`` records; video records hold ``(T, H, W, C)``
-clips), applies the standard transforms on host threads, and prefetches sharded
+clips) through grain (``grain.MapDataset``: deterministic, checkpointable, read by
+threads), applies the standard transforms on the host, and prefetches sharded
 global batches onto the devices. Each process reads only its share of every
 epoch's order, which is a pure function of ``(seed, epoch)``.
 
@@ -13,12 +14,11 @@ and centre-crop ``image_size`` (Szegedy et al. 2015; the torchvision recipe).
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import math
-import queue
-import threading
 from typing import Iterator, Sequence
 
+import grain
 import jax
 import numpy as np
 from PIL import Image
@@ -65,7 +65,14 @@ def resize_center_crop(frames: np.ndarray, resize_size: int, size: int) -> np.nd
 
 
 class StreamingPipeline:
-  """Sharded, prefetched batches from a random-access source.
+  """Sharded, prefetched batches from a random-access source, read through grain.
+
+  An epoch is a ``grain.MapDataset`` over this process's share of the epoch order
+  (a pure function of ``(seed, epoch)``), sliced to the unseen batches before any record
+  is read, mapped through the host transforms (per-example RNG seeded by
+  ``(seed, epoch, index)``), then read by ``num_workers`` grain threads, batched (the
+  last evaluation batch padded and masked) and prefetched ``prefetch`` batches ahead as
+  sharded global arrays.
 
   Args:
     source: random-access records with ``"image"`` and ``"label"``.
@@ -73,11 +80,12 @@ class StreamingPipeline:
     train: training transforms and shuffling, else evaluation transforms in order.
     sharding: where each global batch goes (e.g. ``NamedSharding(mesh, P('data'))``).
     process_index, process_count: this process's share (defaults from JAX).
+    num_workers: grain read threads; prefetch: batches read and transferred ahead.
 
   Example:
     >>> pipe = StreamingPipeline(tfds.data_source("imagenet2012")["train"], 256, train=True,
     ...                          sharding=NamedSharding(mesh, P("data")))
-    >>> for images, labels in pipe.epoch(0): ...
+    >>> for images, labels, mask in pipe.epoch(0): ...
   """
 
   def __init__(self, source: Sequence, batch_size: int, *, train: bool, sharding=None, image_size: int = 224,
@@ -94,11 +102,14 @@ class StreamingPipeline:
     self.batch_size, self.local_batch = batch_size, batch_size // self.process_count
     self.num_workers, self.prefetch = num_workers, prefetch
 
+  def _order(self, epoch: int) -> np.ndarray:
+    """Every example index of ``epoch`` in order: shuffled by ``(seed, epoch)`` for training."""
+    n = len(self.source)
+    return np.random.default_rng((self.seed, epoch)).permutation(n) if self.train else np.arange(n)
+
   def local_indices(self, epoch: int) -> np.ndarray:
     """This process's example indices for ``epoch``, in order."""
-    n = len(self.source)
-    order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.train else np.arange(n)
-    return order[self.process_index::self.process_count]
+    return self._order(epoch)[self.process_index::self.process_count]
 
   def steps_per_epoch(self) -> int:
     n = len(self.source) // self.process_count
@@ -131,59 +142,42 @@ class StreamingPipeline:
       frames = resize_center_crop(frames, self.resize_size, self.image_size)
     return np.ascontiguousarray(frames), int(record["label"])
 
-  def _host_batches(self, epoch: int, pool, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    indices = self.local_indices(epoch)
-    for step in range(start_step, self.steps_per_epoch()):
-      chunk = indices[step * self.local_batch:(step + 1) * self.local_batch]
-      examples = list(pool.map(lambda i: self.example(i, epoch), chunk))
-      images = np.stack([e[0] for e in examples])
-      labels = np.asarray([e[1] for e in examples], np.int32)
-      mask = np.ones(len(chunk), bool)
-      if len(chunk) < self.local_batch:   # last evaluation batch: pad, mask out
-        pad = self.local_batch - len(chunk)
-        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-        labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-        mask = np.concatenate([mask, np.zeros(pad, bool)])
-      yield images, labels, mask
+  def _element(self, index, epoch: int):
+    """One batch element: ``(frames, label int32, mask True)``; padding gives mask False."""
+    frames, label = self.example(index, epoch)
+    return frames, np.int32(label), np.True_
+
+  def examples(self, epoch: int, start_step: int = 0) -> grain.MapDataset:
+    """This process's transformed examples of ``epoch`` from batch ``start_step`` on.
+
+    The index dataset is sliced (process share, seen batches, the remainder that
+    makes no full training batch) before the transform is mapped, so no skipped
+    record is read."""
+    share = grain.MapDataset.source(self._order(epoch))[self.process_index::self.process_count]
+    share = share[start_step * self.local_batch:self.steps_per_epoch() * self.local_batch]
+    return share.map(functools.partial(self._element, epoch=epoch))
 
   def _to_global(self, arrays):
+    """This process's host batch as global arrays (``make_array_from_process_local_data``)."""
     if self.sharding is None:
       return tuple(jax.numpy.asarray(a) for a in arrays)
     return tuple(jax.make_array_from_process_local_data(self.sharding, a) for a in arrays)
 
+  def batches(self, epoch: int, start_step: int = 0) -> grain.IterDataset:
+    """:meth:`examples` read by ``num_workers`` grain threads, batched (padding the last
+    evaluation batch), made global and prefetched ``prefetch`` batches ahead. Its
+    iterator is checkpointable (``get_state``/``set_state``)."""
+    read = grain.ReadOptions(num_threads=self.num_workers, prefetch_buffer_size=self.prefetch * self.local_batch)
+    pad = functools.partial(grain.experimental.batch_and_pad, batch_size=self.local_batch)
+    ds = self.examples(epoch, start_step).to_iter_dataset(read).batch(self.local_batch, batch_fn=pad)
+    return grain.experimental.ThreadPrefetchIterDataset(ds.map(self._to_global), prefetch_buffer_size=self.prefetch)
+
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
     """Yields ``(images uint8, labels, mask)`` global batches from ``start_step`` on
     (a resumed run skips the batches it has seen without reading them), ``prefetch``
-    ahead."""
-    buffer: queue.Queue = queue.Queue(maxsize=self.prefetch)
-    done = object()
-    stop = threading.Event()
-
-    def put(item) -> bool:
-      while not stop.is_set():   # a consumer that stops early must not leave this thread blocked
-        try:
-          buffer.put(item, timeout=0.1)
-          return True
-        except queue.Full:
-          continue
-      return False
-
-    def produce():
-      try:
-        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-          for arrays in self._host_batches(epoch, pool, start_step):
-            if not put(self._to_global(arrays)):
-              return
-        put(done)
-      except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-        put(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
+    ahead. A consumer that stops early closes the grain iterator and its threads."""
+    iterator = iter(self.batches(epoch, start_step))
     try:
-      while (item := buffer.get()) is not done:
-        if isinstance(item, BaseException):
-          raise item
-        yield item
+      yield from iterator
     finally:
-      stop.set()
+      iterator.close()

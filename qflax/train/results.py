@@ -115,8 +115,9 @@ class _Frame:
   """The plot area (pixels) and its scales: ``x`` per bit label, ``y`` for an accuracy in percent."""
   width, height, left, right, top, bottom = 460, 300, 56, 20, 44, 56
 
-  def __init__(self, labels, ticks):
+  def __init__(self, labels, ticks, legend_rows: int = 0):
     self.plot_w, self.plot_h = self.width - self.left - self.right, self.height - self.top - self.bottom
+    self.height += 16 * legend_rows   # below the x-axis title
     self.ticks = ticks
     self.x = {label: self.left + self.plot_w * (i + 0.5) / len(labels) for i, label in enumerate(labels)}
 
@@ -140,7 +141,7 @@ class _Frame:
       parts.append(f'<text class="ytick" x="{left - 6}" y="{self.y(t) + 4:.1f}" text-anchor="end">{t}%</text>')
     for label, x in self.x.items():
       parts.append(f'<text class="xtick" x="{x:.1f}" y="{bottom_y + 18}" text-anchor="middle">{label}</text>')
-    parts.append(f'<text x="{left + self.plot_w / 2}" y="{self.height - 22}" text-anchor="middle">'
+    parts.append(f'<text x="{left + self.plot_w / 2}" y="{bottom_y + 34}" text-anchor="middle">'
                  "bit-width (W = weights, A = activations)</text>")
     middle = top + self.plot_h / 2
     parts.append(f'<text x="14" y="{middle}" text-anchor="middle" transform="rotate(-90 14 {middle})">'

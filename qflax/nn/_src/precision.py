@@ -8,6 +8,7 @@ values are still concrete.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Sequence
 
 import jax
@@ -62,6 +63,48 @@ def check_bit_set(bit_set: Sequence[int], name: str = "bit_set") -> tuple[int, .
   if len(set(bit_set)) != len(bit_set):
     raise ValueError(f"{name}={bit_set} repeats a bit-width")
   return tuple(int(b) for b in bit_set)
+
+
+def parse_precision(entry) -> tuple[int, int]:
+  """``(w_bits, a_bits)`` of one precision entry: an integer ``b`` (``(b, b)``) or a
+  string ``"w<W>a<A>"`` (``"w4a8"``: 4-bit weights, 8-bit activations; ``"fp32"``).
+
+  Example:
+    >>> parse_precision("w4a8"), parse_precision(2), parse_precision("fp32")
+    ((4, 8), (2, 2), (32, 32))
+  """
+  if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+    pair = (int(entry), int(entry))
+  elif isinstance(entry, str) and entry.lower() == "fp32":
+    pair = (32, 32)
+  elif isinstance(entry, str) and (m := re.fullmatch(r"w(\d+)a(\d+)", entry.strip().lower())):
+    pair = (int(m.group(1)), int(m.group(2)))
+  else:
+    raise ValueError(f"{entry!r} is not a bit-width; allowed: an integer in 1..8 or 32, or 'w<W>a<A>' such as 'w4a8'")
+  for b in pair:
+    if not (1 <= b <= 8 or b == 32):
+      raise ValueError(f"{entry!r} holds bit-width {b}; allowed bit-widths: 1..8 and 32")
+  return pair
+
+
+def precision_name(w_bits: int, a_bits: int) -> str:
+  """``"fp32"`` at full precision, else ``"w<W>a<A>"`` (the inverse of :func:`parse_precision`)."""
+  return "fp32" if w_bits >= 32 and a_bits >= 32 else f"w{w_bits}a{a_bits}"
+
+
+def block_plan(entries: Sequence, bit_set: Sequence[int]) -> PrecisionPlan:
+  """A plan from one precision entry per block (:func:`parse_precision`); each block
+  uses the slot of its weight bit-width in ``bit_set``.
+
+  Example:
+    >>> plan = block_plan([8, "w4a8", "w4a4"], bit_set=(8, 4))   # slots 0, 1, 1
+  """
+  bit_set = check_bit_set(bit_set)
+  pairs = [parse_precision(e) for e in entries]
+  missing = sorted({w for w, _ in pairs} - set(bit_set))
+  if missing:
+    raise ValueError(f"weight bit-widths {missing} are not in the model's bit set {bit_set}")
+  return make_plan([w for w, _ in pairs], [a for _, a in pairs], [bit_set.index(w) for w, _ in pairs], len(bit_set))
 
 
 def make_plan(w_bits: Sequence[int], a_bits: Sequence[int], slots: Sequence[int],
