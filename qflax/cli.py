@@ -180,6 +180,8 @@ def run(argv: list[str]) -> int:
     print(describe())
     return 0
   logging.set_verbosity(logging.WARNING)   # keep Orbax's per-save INFO lines off the console
+  from qflax.train.devices import configure_cpu_thread_pools
+  configure_cpu_thread_pools()             # before the CPU backend starts: fake devices need room
   if args.distributed:
     import jax
     jax.distributed.initialize()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import numbers
 from typing import Any, Callable, ClassVar, Mapping
@@ -217,6 +218,54 @@ def bit_widths(default: tuple, *, allow_full_precision: bool = True, min_count: 
   return _field(tuple(default), Check(lambda v: _bit_widths(v, allow_full_precision, min_count, order), allowed), doc)
 
 
+def _precision_entry(value):
+  """One ``bits`` entry normalised: an int (uniform, W = A), ``"w<W>a<A>"`` (W != A),
+  or a per-block tuple of those (given as a list, or as a ``.json`` file holding one)."""
+  if isinstance(value, str) and value.endswith(".json"):
+    path = value
+    try:
+      with open(path) as f:
+        value = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"the plan file {path} cannot be read: {e}") from None
+    if not isinstance(value, list) or not value:
+      raise ValueError(f"the plan file {path} must hold a non-empty JSON list of per-block bit-widths")
+  if isinstance(value, (tuple, list)):
+    if not value or any(isinstance(v, (tuple, list)) for v in value):
+      raise ValueError("a per-block plan is a non-empty list of bit-widths such as 4 or 'w4a8'")
+    return tuple(_precision_entry(v) for v in value)
+  w, a = qnn.parse_precision(value)
+  return w if w == a else qnn.precision_name(w, a)
+
+
+def _precisions(value):
+  if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or not value:
+    raise ValueError
+  if all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in value):
+    return _bit_widths(value, True, 1, None)
+  entries = tuple(_precision_entry(v) for v in value)
+  if is_uniform(entries):
+    return _bit_widths(entries, True, 1, None)
+  if len(set(entries)) != len(entries):
+    raise ValueError("an entry is repeated")
+  return entries
+
+
+def precisions(default: tuple, *, doc: str = ""):
+  """``bits``: distinct precision entries, each an integer bit-width (1..8 or 32),
+  ``"w<W>a<A>"`` (weights and activations apart), or a per-block plan (a list of such
+  entries, one per block, or a ``.json`` file holding that list). Methods other than
+  those declaring ``mixed_precision`` accept integers only."""
+  allowed = ("distinct bit-widths in 1..8 and 32; with method qat also 'w<W>a<A>' entries and per-block plans "
+             "(a list, or a .json file holding one)")
+  return _field(tuple(default), Check(_precisions, allowed), doc)
+
+
+def is_uniform(bits) -> bool:
+  """True when every ``bits`` entry is a plain integer bit-width."""
+  return all(isinstance(b, int) for b in bits)
+
+
 def _mapping(value):
   value = _plain(value)
   if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -386,11 +435,12 @@ class QuantSettings(Settings):
         raise ConfigError(f"config field quant.act_param_init.{key}={value!r} is invalid; allowed: a finite "
                           "number > 0") from None
 
-  def spec(self, bit_set) -> models.QuantSpec:
+  def spec(self, bit_set, compute_dtype: str = "float32") -> models.QuantSpec:
     """The models' quantization settings for layers serving ``bit_set``."""
     return models.QuantSpec(bit_set=tuple(bit_set), weight_quantizer=self.weight_quantizer,
                             act_quantizer=self.act_quantizer, signed_act_quantizer=self.signed_act_quantizer,
-                            act_param_init=tuple(sorted(self.act_param_init.items())), first_last=self.first_last)
+                            act_param_init=tuple(sorted(self.act_param_init.items())), first_last=self.first_last,
+                            compute_dtype=compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,12 +469,22 @@ class OptimizerSettings(Settings):
 @dataclasses.dataclass(frozen=True)
 class RunSettings(Settings):
   """The config fields every method reads (the loop reads more, see ``qflax.train.config``)."""
-  bits: tuple = bit_widths((4,), doc="bit-widths trained and evaluated")
+  bits: tuple = precisions((4,), doc="bit-widths trained and evaluated")
   num_epochs: int = integer(200, 1, doc="total epochs (phased methods split them)")
   seed: int = integer(0, doc="one seed for initialisation, data order and sampling")
+  compute_dtype: str = choice("float32", qnn.COMPUTE_DTYPES,
+                              doc="convolutions and activations (bfloat16: on the integer codes up to 8 bits); "
+                                  "parameters, optimizer state and BatchNorm statistics stay float32")
   model: ModelSettings = nested(ModelSettings)
   quant: QuantSettings = nested(QuantSettings)
   optimizer: OptimizerSettings = nested(OptimizerSettings)
+
+  def spec(self, bit_set=None) -> models.QuantSpec:
+    """The models' settings: quantizers serving ``bit_set`` (``None``: full precision, no
+    quantizers), in the run's ``compute_dtype``."""
+    if bit_set is None:
+      return models.QuantSpec(compute_dtype=self.compute_dtype)
+    return self.quant.spec(bit_set, self.compute_dtype)
 
   @classmethod
   def from_config(cls, config) -> RunSettings:

@@ -8,6 +8,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from qflax.train.devices import configure_cpu_thread_pools  # noqa: E402
+
+configure_cpu_thread_pools()   # two XLA:CPU pool threads per fake device (see qflax/train/devices.py)
+
 import pytest  # noqa: E402
 
 from qflax.train import default_config  # noqa: E402

@@ -30,17 +30,18 @@ class DeviceBatches:
   """Batches of an in-memory dataset.
 
   One process: the splits live on the devices (``replicated``) and each batch is
-  gathered there by one jitted call. Several processes: each gathers its share on
-  the host and the global batch is assembled with
-  ``make_array_from_process_local_data``.
+  gathered there by one jitted call. Several processes: every process holds the
+  whole dataset on the host and follows the same global epoch order; each reads
+  only the rows of each global batch that its own devices hold
+  (``make_array_from_callback``), so a multi-process run sees exactly the batches
+  of a one-process run.
   """
 
   def __init__(self, dataset: Dataset, batch_sharding, replicated, *, seed: int, batch_size: int,
                eval_batch_size: int):
     self.dataset, self.seed, self.sharding = dataset, seed, batch_sharding
+    self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
     self.processes = jax.process_count()
-    self.local_batch = batch_size // self.processes
-    self.local_eval_batch = eval_batch_size // self.processes
     self.num_train, self.num_test = len(dataset.train.labels), len(dataset.test.labels)
     self.sample = dataset.train.images[0]
     if self.processes == 1:
@@ -49,11 +50,14 @@ class DeviceBatches:
       self._gather = jax.jit(take, out_shardings=batch_sharding)
       # One dispatch per training step: the epoch-order slice happens inside the jit.
       self._gather_slice = jax.jit(
-          lambda split, order, start: take(split, jax.lax.dynamic_slice_in_dim(order, start, self.local_batch)),
+          lambda split, order, start: take(split, jax.lax.dynamic_slice_in_dim(order, start, batch_size)),
           out_shardings=batch_sharding)
+    else:
+      host = lambda split: (np.asarray(split.images, np.uint8), np.asarray(split.labels, np.int32))
+      self.train, self.test = host(dataset.train), host(dataset.test)
 
   def steps_per_epoch(self) -> int:
-    return self.num_train // self.local_batch
+    return self.num_train // self.batch_size
 
   def fingerprint(self) -> str:
     """A digest of both splits (shapes, labels and pixels), to tell another dataset apart."""
@@ -66,29 +70,33 @@ class DeviceBatches:
 
   def train_epoch(self, epoch: int, start_step: int = 0):
     """Batches ``start_step..`` of ``epoch``."""
+    permutation = epoch_permutation(self.seed, epoch, self.num_train)
     if self.processes == 1:
-      permutation = epoch_permutation(self.seed, epoch, self.num_train)
       for step in range(start_step, self.steps_per_epoch()):
-        yield self._gather_slice(self.train, permutation, step * self.local_batch)
+        yield self._gather_slice(self.train, permutation, step * self.batch_size)
       return
-    permutation = np.random.default_rng((self.seed, epoch, jax.process_index())).permutation(self.num_train)
+    permutation = np.asarray(permutation)
     for step in range(start_step, self.steps_per_epoch()):
-      idx = permutation[step * self.local_batch:(step + 1) * self.local_batch]
-      yield self._global(self.dataset.train.images[idx], self.dataset.train.labels[idx])
+      rows = permutation[step * self.batch_size:(step + 1) * self.batch_size]
+      yield tuple(self._global(a, rows) for a in self.train)
 
   def eval_batches(self):
-    for start in range(0, self.num_test, self.local_eval_batch):
-      positions = np.arange(start, start + self.local_eval_batch)
+    for start in range(0, self.num_test, self.eval_batch_size):
+      positions = np.arange(start, start + self.eval_batch_size)
       mask = positions < self.num_test
       idx = np.where(mask, positions, 0)
       if self.processes == 1:
         images, labels = self._gather(self.test, jnp.asarray(idx))
         yield images, labels, jax.device_put(mask, self.sharding)
       else:
-        yield self._global(self.dataset.test.images[idx], self.dataset.test.labels[idx], mask)
+        images, labels = (self._global(a, idx) for a in self.test)
+        yield images, labels, self._global(mask, np.arange(len(mask)))
 
-  def _global(self, *arrays):
-    return tuple(jax.make_array_from_process_local_data(self.sharding, a) for a in arrays)
+  def _global(self, array: np.ndarray, rows: np.ndarray) -> jax.Array:
+    """``array[rows]`` as a global array sharded over the batch axis; this process
+    gathers only the rows its own devices hold."""
+    return jax.make_array_from_callback((len(rows),) + array.shape[1:], self.sharding,
+                                        lambda index: array[rows[index[0]]])
 
 
 class StreamedBatches:

@@ -116,6 +116,14 @@ class MethodOptions(options.Settings):
   bit_axis: str = options.choice("auto", BIT_AXIS_MODES,
                                  doc="per-bit-width computations as an unrolled loop or vmap (auto: per backend)")
 
+  mixed_precision: ClassVar[bool] = False   # accepts 'w<W>a<A>' entries and per-block plans in bits
+
+  def __post_init__(self):
+    if not self.mixed_precision and not options.is_uniform(self.run.bits):
+      options.invalid("bits", self.run.bits, "integer bit-widths for this method ('w<W>a<A>' entries and "
+                      "per-block plans are for method qat)")
+    super().__post_init__()
+
   @classmethod
   def from_config(cls, config) -> MethodOptions:
     return cls.from_node(config.method, ignore=("name",), run=options.RunSettings.from_config(config))
@@ -244,10 +252,10 @@ class Method(abc.ABC):
     nets = [self.network(state, k) for k in indices]
     net = nets[0]
     plans = {self.variants[k].name: qnn.PrecisionPlan(*(np.asarray(a) for a in n.plan)) for k, n in zip(indices, nets)}
-    return export.integer_model(net.model, jax.tree_util.tree_map(np.asarray, net.variables), plans,
+    spec = dataclasses.replace(net.model.spec, compute_dtype="float32")   # integer files have no compute dtype
+    return export.integer_model(net.model.clone(spec=spec), jax.tree_util.tree_map(np.asarray, net.variables), plans,
                                 model_name=net.model_settings.name, model_options=net.model_settings.options,
-                                num_classes=self.task.num_classes, spec=net.model.spec,
-                                input_shape=self.task.input_shape)
+                                num_classes=self.task.num_classes, spec=spec, input_shape=self.task.input_shape)
 
   def exported_bytes(self, state: TrainState, index: int) -> int:
     """Size of variant ``index``'s integer model file alone (:func:`qflax.export.save`)."""

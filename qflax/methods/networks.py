@@ -14,13 +14,11 @@ from qflax.options import RunSettings
 
 def build_model(run: RunSettings, num_classes: int, bit_set=None) -> models.Network:
   """The run's model with its quantizers serving ``bit_set`` (``None``: full precision,
-  no quantizers)."""
-  spec = models.QuantSpec() if bit_set is None else run.quant.spec(bit_set)
-  return run.model.build(num_classes, spec)
+  no quantizers), in the run's ``compute_dtype``."""
+  return run.model.build(num_classes, run.spec(bit_set))
 
 
-def variant_name(w_bits: int, a_bits: int) -> str:
-  return "fp32" if w_bits >= 32 and a_bits >= 32 else f"w{w_bits}a{a_bits}"
+variant_name = qnn.precision_name   # "fp32", or "w<W>a<A>"
 
 
 def stacked_plans(model: models.Network, bit_set) -> qnn.PrecisionPlan:

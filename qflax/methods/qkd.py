@@ -97,7 +97,7 @@ class QKD(Method):
     self.bits = opts.bits
     self.student = networks.build_model(opts.run, task.num_classes, self.bits)
     self.teacher_settings = options.ModelSettings(opts.teacher_model, opts.teacher_options)
-    self.teacher = self.teacher_settings.build(task.num_classes, models.QuantSpec())
+    self.teacher = self.teacher_settings.build(task.num_classes, opts.run.spec())
     self.student_plans = networks.stacked_plans(self.student, self.bits)
     self.teacher_plan = networks.plan_at(networks.stacked_plans(self.teacher, (32,)), 0)
     groups = {"teacher": {"teacher": 1.0}, "self_studying": {"student": 1.0},

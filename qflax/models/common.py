@@ -31,6 +31,11 @@ class QuantSpec:
     act_param_init: initial activation-quantizer scalars, e.g. ``(("alpha", 8.0),)``.
     first_last: ``"fp"`` (full precision) or ``"int8"`` (fixed 8-bit) for the
       first convolution and the classifier.
+    compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the convolutions and
+      of the activations between layers. Parameters and BatchNorm statistics are
+      float32 either way, quantization and normalisation run in float32, and the
+      classifier runs in float32, so logits (and the features ``run_blocks`` returns
+      for losses) are float32.
   """
   bit_set: tuple[int, ...] = (32,)
   weight_quantizer: str = "none"
@@ -38,11 +43,14 @@ class QuantSpec:
   signed_act_quantizer: str = "none"
   act_param_init: tuple[tuple[str, float], ...] = ()
   first_last: str = "fp"
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     qnn.check_bit_set(self.bit_set)
     if self.first_last not in FIRST_LAST:
       raise ValueError(f"first_last={self.first_last!r} is unknown; allowed: {FIRST_LAST}")
+    if self.compute_dtype not in qnn.COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype={self.compute_dtype!r} is unknown; allowed: {qnn.COMPUTE_DTYPES}")
 
   @property
   def num_slots(self) -> int:
@@ -54,7 +62,7 @@ class QuantSpec:
         features, kernel_size, strides, padding, feature_group_count=groups,
         weight_quantizer=self.weight_quantizer,
         act_quantizer=self.signed_act_quantizer if signed_input else self.act_quantizer,
-        bit_set=self.bit_set, act_param_init=dict(self.act_param_init) or None, name=name)
+        bit_set=self.bit_set, act_param_init=dict(self.act_param_init) or None, dtype=self.compute_dtype, name=name)
 
   def bn(self, name=None) -> qnn.SwitchableBatchNorm:
     return qnn.SwitchableBatchNorm(self.num_slots, name=name)
@@ -64,12 +72,15 @@ class QuantSpec:
 
     At ``int8`` the stem's input (normalised images) is signed, while the classifier's
     (pooled ReLU features) is non-negative, so it takes the unsigned quantizer: all 256
-    codes on ``[0, max]`` instead of 128 of a signed grid.
+    codes on ``[0, max]`` instead of 128 of a signed grid. The stem computes in
+    ``compute_dtype``; the classifier (a small dense layer) always in float32, so
+    the logits reach the losses in float32.
     """
+    dtype = "float32" if role == "classifier" else self.compute_dtype
     if self.first_last == "int8":
       act = "uniform_unsigned" if role == "classifier" else "uniform"
-      return dict(weight_quantizer="uniform", act_quantizer=act, bit_set=(8,)), FIXED_INT8
-    return dict(weight_quantizer="none", act_quantizer="none", bit_set=(32,)), FULL_PRECISION
+      return dict(weight_quantizer="uniform", act_quantizer=act, bit_set=(8,), dtype=dtype), FIXED_INT8
+    return dict(weight_quantizer="none", act_quantizer="none", bit_set=(32,), dtype=dtype), FULL_PRECISION
 
 
 class Network(nn.Module):
@@ -110,17 +121,18 @@ class Network(nn.Module):
 
   def run_blocks(self, h, plan: qnn.PrecisionPlan, start: int, end: int, train: bool = False,
                  return_features: bool = False):
-    """Blocks ``start..end-1``; with ``return_features`` also each block's output."""
+    """Blocks ``start..end-1``; with ``return_features`` also each block's output (in
+    float32, for the losses; ``h`` stays in the compute dtype)."""
     self.check_plan(plan)
     features = []
     for i in range(start, end):
       h = self.blocks[i](h, plan.block(i), train)
-      features.append(h)
+      features.append(h.astype(jnp.float32))
     return (h, features) if return_features else h
 
   def __call__(self, x, plan: qnn.PrecisionPlan, train: bool = False, return_features: bool = False):
     h, features = self.run_blocks(self.stem(x, train), plan, 0, len(self.blocks), train, True)
-    logits = self.head(h, plan, train)
+    logits = self.head(h, plan, train).astype(jnp.float32)
     return (logits, features) if return_features else logits
 
 
@@ -162,4 +174,5 @@ def positive_number(name: str, value) -> float:
 
 
 def global_avg_pool(h):
-  return jnp.mean(h, axis=(1, 2))
+  """Mean over the spatial axes, in float32."""
+  return jnp.mean(h.astype(jnp.float32), axis=(1, 2))

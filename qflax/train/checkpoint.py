@@ -226,8 +226,11 @@ class Checkpoints:
                            f"({type(cause).__name__}: {_first_line(cause)}); the earlier checkpoints are kept")
 
   def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
-    """A checkpoint as plain arrays (no target structure needed): ``(state tree, meta)``."""
-    return self._restore(step, ocp.args.StandardRestore())
+    """A checkpoint as plain arrays (no target structure needed): ``(state tree, meta)``.
+    Arrays saved on devices this process does not have (another device count, other
+    processes) come back on its first local device."""
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return self._restore(step, ocp.args.StandardRestore(fallback_sharding=fallback))
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """``step`` into the structure of ``target``; a damaged ``step`` raises."""

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qflax import data as data_lib
@@ -42,6 +43,9 @@ from qflax.train.metrics import MetricsLog, Progress
 from qflax.train.results import write_results
 
 _INIT_STREAM = 2**31 - 1   # fold_in stream of the initialisation key (steps use 0, 1, 2, ...)
+# With several processes, they agree on a stop signal at least every this many steps
+# (and at every logged step and epoch end), so all stop at the same step.
+_SIGNAL_SYNC_STEPS = 10
 
 
 class TrainingInterrupted(Exception):
@@ -63,7 +67,12 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh:
 
 
 class _SignalFlag:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after every step."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks after every step.
+
+  With several processes a signal may reach only some of them, and all must stop at
+  the same step (the checkpoint is a collective): :meth:`agreed` then shares the flags
+  at steps every process checks alike.
+  """
 
   def __init__(self):
     self.signum = None
@@ -84,6 +93,17 @@ class _SignalFlag:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+  def agreed(self, sync: bool) -> int | None:
+    """The signal to stop on now: this process's own when it runs alone; with several
+    processes, the first one any process received, exchanged when ``sync`` (every
+    process passes the same ``sync`` points), else ``None``."""
+    if jax.process_count() == 1:
+      return self.signum
+    if not sync:
+      return None
+    received = [int(s) for s in multihost_utils.process_allgather(np.int32(self.signum or 0)) if s]
+    return received[0] if received else None
 
 
 class Run(NamedTuple):
@@ -139,8 +159,8 @@ def load_batches(loop: config_lib.LoopSettings, seed: int, mesh):
     return batches, stream.name, stream.source, stream.info
   dataset = data_lib.load_dataset(
       ds.name, data_dir=ds.data_dir or None, idx_dir=ds.idx_dir or None, train_limit=ds.train_limit,
-      eval_limit=ds.eval_limit, download=ds.download, synthetic=dataclasses.asdict(ds.synthetic),
-      shard_index=jax.process_index(), num_shards=jax.process_count())
+      eval_limit=ds.eval_limit, download=ds.download, synthetic=dataclasses.asdict(ds.synthetic))
+  # Every process holds the whole (small) dataset and feeds its devices' rows of each global batch.
   return data_lib.DeviceBatches(dataset, sharding, replicated, **sizes), dataset.name, dataset.source, dataset.info
 
 
@@ -319,12 +339,14 @@ class _Session:
                          loss=loss, accuracy=float(metrics["accuracy"]),
                          images_per_second=rate * self.run.config.loop.batch_size, steps_per_second=rate)
 
-  def check_signal(self, step: int, state: TrainState):
-    if self.stop.signum is not None:
+  def check_signal(self, step: int, state: TrainState, *, sync: bool = True):
+    """Checkpoints and stops if a signal arrived (``sync``: see :meth:`_SignalFlag.agreed`)."""
+    signum = self.stop.agreed(sync)
+    if signum is not None:
       if self.ckpt.latest_step() != step:
         self.save(step, state)
       self.ckpt.wait()
-      raise TrainingInterrupted(self.stop.signum, step, self.ckpt.directory)
+      raise TrainingInterrupted(signum, step, self.ckpt.directory)
 
 
 def run_phase(session: _Session, state: TrainState, phase_index: int) -> TrainState:
@@ -351,11 +373,12 @@ def run_phase(session: _Session, state: TrainState, phase_index: int) -> TrainSt
       if session.step_hook is not None:
         session.step_hook(step)
       epoch_ended = offset == run.steps_per_epoch
-      if step % loop.log_every_steps == 0 or epoch_ended:
+      logged = step % loop.log_every_steps == 0 or epoch_ended
+      if logged:
         rate = session.record_window(phase_index, window_steps, time.perf_counter() - window_start)
         session.log_train(step, state, images, metrics, phase, epoch, rate)
         window_start, window_steps = time.perf_counter(), 0
-      session.check_signal(step, state)
+      session.check_signal(step, state, sync=logged or step % _SIGNAL_SYNC_STEPS == 0)
       if epoch_ended and ((epoch + 1) % loop.eval_every_epochs == 0 or step == end):
         session.evaluation(step, state, phase, epoch, phase_ended=step == end)
       elif step % loop.checkpoint_every_steps == 0 or step == end:

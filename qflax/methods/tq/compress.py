@@ -294,12 +294,12 @@ def transform_domain(layers: list[QuantizedLayer], macs: dict | None = None):
         or getattr(module, "feature_group_count", 1) > 1):   # grouped: identity transform, run as is
       return next_fun(*args, **kwargs)
     run = _row_domain if layer.mode == "row" else _column_domain
-    y, count = run(module, layer, args[0])
+    y, count = run(module, layer, args[0].astype(jnp.float32))   # float32 whatever the compute dtype
     if macs is not None:
       macs[layer.path] = count
     if module.use_bias:
       y = y + module.variables["params"]["bias"]
-    return y
+    return y.astype(qnn.compute_dtype(module.dtype))
 
   return nn.intercept_methods(interceptor)
 

@@ -30,7 +30,9 @@ class SwitchableBatchNorm(nn.Module):
   traced slot. In training mode the batch statistics are used and only slot
   ``s``'s running averages move (``m * old + (1 - m) * batch``); the other
   slots, and their gradients, are untouched. Under ``jit`` over a sharded batch
-  the mean is global, so this is sync-BN.
+  the mean is global, so this is sync-BN. Parameters and running statistics are
+  float32 and the normalisation runs in float32 whatever ``x``'s dtype (bfloat16
+  under a ``compute_dtype``); the output has ``x``'s dtype.
 
   Example:
     >>> bn = SwitchableBatchNorm(num_slots=4)
