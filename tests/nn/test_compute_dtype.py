@@ -39,7 +39,8 @@ def test_every_quantizer_step_makes_exact_bfloat16_codes(role):
       codes = y / step
       assert float(jnp.max(jnp.abs(codes))) <= 256, (name, bits)
       if name != "none":
-        np.testing.assert_array_equal(codes.astype(jnp.bfloat16).astype(jnp.float32) * step, y, err_msg=f"{name} {bits}")
+        exact = codes.astype(jnp.bfloat16).astype(jnp.float32) * step
+        np.testing.assert_array_equal(exact, y, err_msg=f"{name} {bits}")
         if bits <= 4:
           encoded = q.integer(x, bits, params)
           np.testing.assert_allclose(step, jnp.broadcast_to(encoded.scale, step.shape), rtol=1e-6, err_msg=name)
@@ -135,8 +136,8 @@ def test_models_in_bfloat16(name, options):
   rounding threshold of the next quantizer now and then, a whole step, and deeper
   blocks amplify that; their agreement is an accuracy one (``tests/train``)."""
   shape = (2, 28, 28, 1) if name == "convnet" else (2, 8, 8, 3)
-  spec = models.QuantSpec(bit_set=(32, 4), weight_quantizer="sat", act_quantizer="pact", signed_act_quantizer="lsq_signed",
-                          act_param_init=(("alpha", 3.0),), first_last="int8")
+  spec = models.QuantSpec(bit_set=(32, 4), weight_quantizer="sat", act_quantizer="pact",
+                          signed_act_quantizer="lsq_signed", act_param_init=(("alpha", 3.0),), first_last="int8")
   m32 = models.get_model(name, 10, spec, **options)
   m16 = models.get_model(name, 10, dataclasses.replace(spec, compute_dtype="bfloat16"), **options)
   x = _x(shape, 6)

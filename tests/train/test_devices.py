@@ -8,11 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from qflax.train import devices
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_pool_threads_per_device_when_the_cores_are_fewer(monkeypatch):
@@ -27,10 +24,17 @@ def test_two_pool_threads_per_device_when_the_cores_are_fewer(monkeypatch):
   assert devices.configure_cpu_thread_pools({}, devices=8) is None   # XLA's default is enough
 
 
+# The quickstart recipe shrunk to the tiny synthetic task, as a user would type it.
+_TINY = ["--config", "quickstart", "--config.model.options.widths=(4, 8, 8)", "--config.dataset.name=synthetic",
+         "--config.dataset.synthetic.num_train=48", "--config.dataset.synthetic.num_test=40",
+         "--config.dataset.synthetic.image_size=8", "--config.dataset.synthetic.channels=1",
+         "--config.dataset.synthetic.num_classes=4", "--config.batch_size=16", "--config.eval_batch_size=0",
+         "--config.num_epochs=1", "--config.quant.monitor=False"]
+
 _RUN = """
 import collections, json, os, sys
 from qflax import cli
-code = cli.run(["--config", {config!r}, "--workdir", {workdir!r}])
+code = cli.run({argv!r})
 import jax
 threads = collections.Counter(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 print(json.dumps({{"code": code, "devices": jax.device_count(), "pool": threads["tf_XLAEigen"]}}))
@@ -38,14 +42,10 @@ print(json.dumps({{"code": code, "devices": jax.device_count(), "pool": threads[
 
 
 def test_launch_on_eight_fake_cpu_devices_gives_them_sixteen_pool_threads_and_trains(tmp_path):
-  config = tmp_path / "tiny.py"
-  config.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-                    "from conftest import make_tiny_config\n\n"
-                    "def get_config():\n  c = make_tiny_config()\n  c.num_epochs = 1\n  return c\n")
   env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC", "XLA_FLAGS")}
   # LLVM's optimisations off: half the compile time, which is most of this run.
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", XLA_FLAGS="--xla_backend_optimization_level=0")
-  script = _RUN.format(config=str(config), workdir=str(tmp_path / "run"))
+  script = _RUN.format(argv=_TINY + ["--workdir", str(tmp_path / "run")])
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])

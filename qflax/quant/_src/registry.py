@@ -87,8 +87,8 @@ def _qil(name, role, signed, init):
       lambda x, b, p: qil.qil(x, p["centre"], p["half_width"], b, signed=signed),
       lambda x, b, p: qil.qil_integer(x, p["centre"], p["half_width"], b, signed=signed),
       init_params,
-      _grid_step(lambda x, b, p: qil._encode(x, jnp.asarray(p["centre"], x.dtype), jnp.asarray(p["half_width"], x.dtype),
-                                             b, signed)))
+      _grid_step(lambda x, b, p: qil._encode(x, jnp.asarray(p["centre"], x.dtype),
+                                             jnp.asarray(p["half_width"], x.dtype), b, signed)))
 
 
 def _channel_scale(x, bits):
