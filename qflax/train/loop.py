@@ -98,7 +98,7 @@ class _SignalFlag:
     """The signal to stop on now: this process's own when it runs alone; with several
     processes, the first one any process received, exchanged when ``sync`` (every
     process passes the same ``sync`` points), else ``None``."""
-    if True:  # MUTATION
+    if jax.process_count() == 1:
       return self.signum
     if not sync:
       return None
