@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import glob
 import gzip
 import json

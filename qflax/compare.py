@@ -154,14 +154,14 @@ def comparison_markdown(runs: list[tuple[str, dict]], images: tuple[str, ...] = 
 def comparison_svg(runs: list[tuple[str, dict]]) -> str:
   """Accuracy against bit-width for every run (one colour each), on one set of axes."""
   variants = [v for _, r in runs for v in r["variants"]]
-  _, labels = results_lib._points(variants)
+  _, labels = results_lib.plot_points(variants)
   accuracies = [v["accuracy"] for v in variants if math.isfinite(v["accuracy"])]
-  frame = results_lib._Frame(labels, results_lib.y_ticks(min(accuracies, default=0.0), max(accuracies, default=1.0)),
-                             legend_rows=len(runs))
+  ticks = results_lib.y_ticks(min(accuracies, default=0.0), max(accuracies, default=1.0))
+  frame = results_lib.PlotFrame(labels, ticks, legend_rows=len(runs))
   parts = frame.axes("top-1 accuracy vs bit-width")
   for k, (label, r) in enumerate(runs):
     color = PALETTE[k % len(PALETTE)]
-    points, _ = results_lib._points(r["variants"])
+    points, _ = results_lib.plot_points(r["variants"])
     xy = [(frame.x[bits], frame.y(100 * a)) for bits, a, _ in points]
     if r.get("switchable") and len(xy) > 1:
       path = " ".join(f"{'L' if i else 'M'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(xy))

@@ -1,11 +1,15 @@
 """The quickstart end to end on real Fashion-MNIST (installed by .ci/run).
 
-This is the slowest test (a few minutes on 2 CPU cores): it runs
-``configs/quickstart.py`` exactly as ``python launch.py`` does.
+The slowest test (about 7 minutes on 2 CPU cores next to another worker): it runs
+``configs/quickstart.py`` exactly as ``python launch.py`` does, so it is marked
+``slow`` and runs with ``pytest -m slow``. The default run covers the same config
+through the recipe smoke test (a subset of the data, the same code path).
 """
 
 import os
 from pathlib import Path
+
+import pytest
 
 from qflax import train
 from qflax.data import sources
@@ -13,6 +17,7 @@ from qflax.data import sources
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_on_real_fashion_mnist(tmp_path):
   assert os.path.isdir(sources.SYSTEM_FASHION_MNIST_DIR) or os.environ.get(sources.FASHION_MNIST_ENV), (
       "real Fashion-MNIST is needed: apt-get install -y dataset-fashion-mnist (.ci/run does this)")

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from qflax import models
 from qflax import nn as qnn
+from qflax import options
+from qflax.methods.base import Variant
 from qflax.options import RunSettings
 
 
@@ -25,6 +27,36 @@ def stacked_plans(model: models.Network, bit_set) -> qnn.PrecisionPlan:
   """One uniform plan per bit-width in ``bit_set``, stacked: fields ``(K, num_blocks)``."""
   plans = [qnn.uniform_plan(model.num_blocks, b, bit_set) for b in bit_set]
   return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *plans)
+
+
+def replicas(run: RunSettings, num_classes: int, entries) -> tuple[models.Network, qnn.PrecisionPlan, tuple]:
+  """``(model, stacked plans, variants)``: one replica per ``bits`` entry.
+
+  Integer entries give the model the slots ``entries`` and uniform plans. Entries
+  that mix precisions (``"w4a8"``, per-block plans) give it one slot per distinct
+  weight bit-width (a block uses the slot of its weight bit-width; each replica has
+  its own parameters, so slots are never shared between variants); a per-block plan's
+  variant is named ``plan<k>`` and reports its lowest weight and activation bit-widths.
+  """
+  if options.is_uniform(entries):
+    model = build_model(run, num_classes, entries)
+    return model, stacked_plans(model, entries), tuple(Variant(variant_name(b, b), b, b) for b in entries)
+  blocks = [[qnn.parse_precision(b) for b in (e if isinstance(e, tuple) else (e,))] for e in entries]
+  bit_set = tuple(sorted({w for pairs in blocks for w, _ in pairs}, reverse=True))
+  model = build_model(run, num_classes, bit_set)
+  plans, variants = [], []
+  for e, pairs in zip(entries, blocks):
+    if isinstance(e, tuple):
+      if len(pairs) != model.num_blocks:
+        options.invalid("bits", e, f"a per-block plan of {model.num_blocks} entries for model {run.model.name}")
+      w, a = (min(x) for x in zip(*pairs))
+      variants.append(Variant(f"plan{sum(isinstance(v, tuple) for v in entries[:len(plans)])}", w, a))
+    else:
+      pairs, (w, a) = pairs * model.num_blocks, pairs[0]
+      variants.append(Variant(variant_name(w, a), w, a))
+    plans.append(qnn.make_plan([w for w, _ in pairs], [a for _, a in pairs], [bit_set.index(w) for w, _ in pairs],
+                               len(bit_set)))
+  return model, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *plans), tuple(variants)
 
 
 def plan_at(plans: qnn.PrecisionPlan, index) -> qnn.PrecisionPlan:

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from qflax import distill, options
-from qflax import nn as qnn
 from qflax.methods import networks
-from qflax.methods.base import Method, MethodOptions, Variant, VariantNetwork
+from qflax.methods.base import Method, MethodOptions, VariantNetwork
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +42,7 @@ class QAT(Method):
   def __init__(self, opts, task):
     super().__init__(opts, task)
     self.bits = opts.bits
-    if options.is_uniform(self.bits):
-      self.model = networks.build_model(opts.run, task.num_classes, self.bits)
-      self.plans = networks.stacked_plans(self.model, self.bits)
-      self.variants = tuple(Variant(networks.variant_name(b, b), b, b) for b in self.bits)
-    else:
-      self.model, self.plans, self.variants = _mixed_precision(opts.run, task.num_classes, self.bits)
+    self.model, self.plans, self.variants = networks.replicas(opts.run, task.num_classes, self.bits)
     self.phases = (self.phase("train", opts.run.num_epochs, {"model": 1.0}),)
 
   def init_state(self, rng):
@@ -88,34 +82,6 @@ class QAT(Method):
     variables = {"params": networks.replica(state.params["model"], index),
                  "batch_stats": networks.replica(state.batch_stats["model"], index)}
     return VariantNetwork(self.model, variables, networks.plan_at(self.plans, index), self.options.run.model)
-
-
-def _mixed_precision(run: options.RunSettings, num_classes: int, entries):
-  """``(model, stacked plans, variants)`` for ``bits`` entries that mix precisions.
-
-  The model's slots are the distinct weight bit-widths; a block uses the slot of its
-  weight bit-width (each replica has its own parameters, so slots are never shared
-  between variants). A per-block plan's variant is named ``plan<k>`` and reports its
-  lowest weight and activation bit-widths.
-  """
-  per_block = [e for e in entries if isinstance(e, tuple)]
-  pairs = [qnn.parse_precision(b) for e in entries for b in (e if isinstance(e, tuple) else (e,))]
-  bit_set = tuple(sorted({w for w, _ in pairs}, reverse=True))
-  model = networks.build_model(run, num_classes, bit_set)
-  for plan in per_block:
-    if len(plan) != model.num_blocks:
-      options.invalid("bits", plan, f"a per-block plan of {model.num_blocks} entries for model {run.model.name}")
-  plans, variants = [], []
-  for e in entries:
-    blocks = e if isinstance(e, tuple) else (e,) * model.num_blocks
-    plans.append(qnn.block_plan(blocks, bit_set))
-    if isinstance(e, tuple):
-      w, a = (min(x) for x in zip(*(qnn.parse_precision(b) for b in e)))
-      variants.append(Variant(f"plan{per_block.index(e)}", w, a))
-    else:
-      w, a = qnn.parse_precision(e)
-      variants.append(Variant(networks.variant_name(w, a), w, a))
-  return model, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *plans), tuple(variants)
 
 
 class FullPrecision(QAT):

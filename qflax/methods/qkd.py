@@ -95,17 +95,15 @@ class QKD(Method):
   def __init__(self, opts, task):
     super().__init__(opts, task)
     self.bits = opts.bits
-    self.student = networks.build_model(opts.run, task.num_classes, self.bits)
+    self.student, self.student_plans, students = networks.replicas(opts.run, task.num_classes, self.bits)
     self.teacher_settings = options.ModelSettings(opts.teacher_model, opts.teacher_options)
     self.teacher = self.teacher_settings.build(task.num_classes, opts.run.spec())
-    self.student_plans = networks.stacked_plans(self.student, self.bits)
     self.teacher_plan = networks.plan_at(networks.stacked_plans(self.teacher, (32,)), 0)
     groups = {"teacher": {"teacher": 1.0}, "self_studying": {"student": 1.0},
               "co_studying": {"student": 1.0, "teacher": opts.teacher_lr_multiplier}, "tutoring": {"student": 1.0}}
     self.phases = tuple(self.phase(name, epochs, groups[name])
                         for name, epochs in zip(("teacher",) + PHASES, opts.epochs) if epochs)
-    students = [Variant(networks.variant_name(b, b), b, b) for b in self.bits]
-    self.variants = tuple(students + [Variant(f"teacher_{v.name}", 32, 32) for v in students])
+    self.variants = students + tuple(Variant(f"teacher_{v.name}", 32, 32) for v in students)
 
   def init_state(self, rng):
     k_student, k_teacher = jax.random.split(rng)

@@ -38,6 +38,7 @@ from qflax.quant._src.lsq import lsq_integer
 from qflax.quant._src.midtread import midtread
 from qflax.quant._src.midtread import midtread_integer
 from qflax.quant._src.pact import pact
+from qflax.quant._src.pact import pact_init_alpha
 from qflax.quant._src.pact import pact_integer
 from qflax.quant._src.qil import qil
 from qflax.quant._src.qil import qil_init_activation

@@ -2,6 +2,7 @@
 
 from qflax.train.checkpoint import CheckpointError
 from qflax.train.checkpoint import Checkpoints
+from qflax.train.checkpoint import latest_arrays
 from qflax.train.config import ConfigError
 from qflax.train.config import default_config
 from qflax.train.config import load_config_file
@@ -14,5 +15,6 @@ from qflax.train.loop import train_and_evaluate
 
 run = train_and_evaluate
 
-__all__ = ["CheckpointError", "Checkpoints", "ConfigError", "NonFiniteLossError", "TrainingInterrupted", "default_config", "load", "load_config_file",
-           "make_mesh", "run", "train_and_evaluate", "validate"]
+__all__ = ["CheckpointError", "Checkpoints", "ConfigError", "NonFiniteLossError", "TrainingInterrupted",
+           "default_config", "latest_arrays", "load", "load_config_file", "make_mesh", "run", "train_and_evaluate",
+           "validate"]

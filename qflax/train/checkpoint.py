@@ -88,13 +88,18 @@ def check_start(start: Start) -> None:
     fail(f"{os.path.join(start.workdir, 'checkpoints')} holds no checkpoint")
 
 
-def start_variables(start: Start) -> dict:
-  """``{"params", "batch_stats"}`` of the network an ``fp`` run trained (its final state)."""
-  source = Checkpoints(start.workdir)
+def latest_arrays(workdir: str) -> tuple[Any, dict]:
+  """The newest checkpoint of ``workdir`` as plain arrays: ``(state tree, meta)``."""
+  source = Checkpoints(workdir)
   try:
-    arrays, _ = source.restore_arrays()
+    return source.restore_arrays()
   finally:
     source.close()
+
+
+def start_variables(start: Start) -> dict:
+  """``{"params", "batch_stats"}`` of the network an ``fp`` run trained (its final state)."""
+  arrays, _ = latest_arrays(start.workdir)
   first = lambda a: np.asarray(a)[0]     # an fp run is a qat run with one replica
   return {"params": jax.tree_util.tree_map(first, arrays["params"]["model"]),
           "batch_stats": jax.tree_util.tree_map(first, (arrays.get("batch_stats") or {}).get("model", {}))}

@@ -104,14 +104,14 @@ def y_ticks(lo: float, hi: float) -> list[int]:
   return [0, 25, 50, 75, 100]
 
 
-def _points(variants):
+def plot_points(variants):
   """``(x label, accuracy, variant name)`` sorted by bits, and the distinct x labels in that order."""
   ordered = sorted((v for v in variants if math.isfinite(v["accuracy"])), key=_bits_key)
   points = [(bits_label(v["w_bits"], v["a_bits"]), float(v["accuracy"]), v["name"]) for v in ordered]
   return points, list(dict.fromkeys(label for label, _, _ in points))
 
 
-class _Frame:
+class PlotFrame:
   """The plot area (pixels) and its scales: ``x`` per bit label, ``y`` for an accuracy in percent."""
   width, height, left, right, top, bottom = 460, 300, 56, 20, 44, 56
 
@@ -157,9 +157,9 @@ def accuracy_plot_svg(variants, title: str = "", *, switchable: bool = False) ->
   a line joins them only when ``switchable`` (one network evaluated at several bit-widths): separate
   dedicated models get markers only.
   """
-  points, labels = _points(variants)
+  points, labels = plot_points(variants)
   accuracies = [a for _, a, _ in points]
-  frame = _Frame(labels, y_ticks(min(accuracies, default=0.0), max(accuracies, default=1.0)))
+  frame = PlotFrame(labels, y_ticks(min(accuracies, default=0.0), max(accuracies, default=1.0)))
   parts = frame.axes(f"{title}: top-1 accuracy vs bit-width" if title else "top-1 accuracy vs bit-width")
   xy = [(frame.x[label], frame.y(100 * a)) for label, a, _ in points]
   if switchable and len(points) > 1:

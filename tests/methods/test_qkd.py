@@ -172,17 +172,13 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
   fp.num_epochs = 1
   fp.model.options = {"widths": (8, 8, 8)}
   train.train_and_evaluate(fp, str(tmp_path / "fp"))
-  ckpt = train.Checkpoints(str(tmp_path / "fp"))
-  fp_state, _ = ckpt.restore_arrays()
-  ckpt.close()
+  fp_state, _ = train.latest_arrays(str(tmp_path / "fp"))
 
   config = _qkd_config(tiny_config, phase_epochs=(0, 0, 1), teacher_checkpoint=str(tmp_path / "fp"))
   config.num_epochs = 1
   config.bits = (2,)
   result = train.train_and_evaluate(config, str(tmp_path / "qkd"))
-  ckpt = train.Checkpoints(str(tmp_path / "qkd"))
-  qkd_state, _ = ckpt.restore_arrays()
-  ckpt.close()
+  qkd_state, _ = train.latest_arrays(str(tmp_path / "qkd"))
   # Tutoring only: the teacher is the fp run's final network, unchanged.
   source = traverse_util.flatten_dict(fp_state["params"]["model"])
   teacher = traverse_util.flatten_dict(qkd_state["params"]["teacher"])
@@ -232,11 +228,7 @@ def test_resuming_mid_phase_restores_the_phase_and_both_networks(tiny_config, tm
   with pytest.raises(train.TrainingInterrupted, match="after step 4"):
     train.train_and_evaluate(config, str(tmp_path / "resumed"), step_hook=interrupt_in_co_studying)
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  states = []
-  for name in ("full", "resumed"):
-    ckpt = train.Checkpoints(str(tmp_path / name))
-    states.append(ckpt.restore_arrays()[0])
-    ckpt.close()
+  states = [train.latest_arrays(str(tmp_path / name))[0] for name in ("full", "resumed")]
   jax.tree_util.tree_map(np.testing.assert_array_equal, states[0]["params"], states[1]["params"])
   jax.tree_util.tree_map(np.testing.assert_array_equal, states[0]["opt_state"], states[1]["opt_state"])
   assert full["phase_accuracy"] == resumed["phase_accuracy"]

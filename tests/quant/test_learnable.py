@@ -275,6 +275,8 @@ def test_qil_inits():
   w = jnp.asarray(np.random.default_rng(0).normal(size=1000), jnp.float32)
   c, d = quant.qil_init_weight(w)
   np.testing.assert_allclose([c + d, c - d], [jnp.max(jnp.abs(w)), 0.0], atol=1e-6)
+  c, d = quant.qil_init_weight(w, bits=4)
+  assert c - d == 0.0 and 0.3 * jnp.max(jnp.abs(w)) < c + d < jnp.max(jnp.abs(w))
   c, d = quant.qil_init_activation(jnp.abs(w))
   np.testing.assert_allclose(c + d, jnp.percentile(jnp.abs(w), 99.9), rtol=1e-6)
 
@@ -328,3 +330,41 @@ def test_pack_codes_layout():
   codes = np.arange(8) % 8
   assert quant.pack_codes(codes, 3).size == 3
   assert quant.pack_codes(np.arange(10), 5).dtype == np.uint8
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_qil_weight_init_is_the_mse_clip_and_keeps_low_bit_codes_in_use(bits):
+  # Found by the qkd recipe smoke test: a clip at max|w| rounds >90 % of a 2-bit kernel to 0.
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 32, 32)), jnp.float32)
+  top = float(jnp.max(jnp.abs(w)))
+
+  def error(clip):
+    return float(jnp.mean((clip * quant.qil(w, clip / 2, clip / 2, bits, signed=True) - w) ** 2))
+
+  c, d = quant.qil_init_weight(w, bits)
+  grid = [top * i / 32 for i in range(1, 33)]
+  assert error(float(c + d)) == pytest.approx(min(error(g) for g in grid), rel=1e-6)
+  codes = quant.code_statistics(quant.qil_integer(w, c, d, bits, signed=True))
+  absmax = quant.code_statistics(quant.qil_integer(w, top / 2, top / 2, bits, signed=True))
+  assert float(codes["max_level_fraction"]) < 0.6
+  if bits == 2:
+    assert float(absmax["max_level_fraction"]) > 0.9
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pact_init_is_the_mse_clip_below_the_percentile(bits):
+  # Found by the qat recipe smoke test: alpha = p99.9 rounds most 2-bit activations to 0.
+  x = jnp.maximum(jnp.asarray(np.random.default_rng(2).normal(size=20_000), jnp.float32), 0.0)
+  p = float(jnp.percentile(x, 99.9))
+
+  def error(alpha):
+    return float(jnp.mean((quant.pact(x, alpha, bits) - x) ** 2))
+
+  alpha = float(quant.pact_init_alpha(x, bits))
+  assert error(alpha) == pytest.approx(min(error(p * i / 32) for i in range(1, 33)), rel=1e-6)
+  assert alpha <= p
+  if bits == 2:
+    assert alpha < 0.75 * p and error(alpha) < 0.8 * error(p)
+  if bits == 8:
+    assert alpha > 0.9 * p
+  assert float(quant.pact_init_alpha(x, 32)) == pytest.approx(p)

@@ -64,11 +64,7 @@ def _method_config(name, fp_workdir):
 
 
 def _float_dtypes(workdir):
-  ckpt = train.Checkpoints(str(workdir))
-  try:
-    state, _ = ckpt.restore_arrays()
-  finally:
-    ckpt.close()
+  state, _ = train.latest_arrays(str(workdir))
   return {np.asarray(a).dtype.name for a in jax.tree_util.tree_leaves(state)
           if np.issubdtype(np.asarray(a).dtype, np.floating)}
 
@@ -97,6 +93,7 @@ def test_compute_dtype_is_validated(tiny_config):
 FASHION_MNIST = os.path.isdir(sources.SYSTEM_FASHION_MNIST_DIR) or os.environ.get(sources.FASHION_MNIST_ENV)
 
 
+@pytest.mark.slow   # two full quickstart runs, about 5 minutes on 2 CPU cores
 @pytest.mark.skipif(not FASHION_MNIST, reason="real Fashion-MNIST is needed (apt-get install dataset-fashion-mnist)")
 def test_bfloat16_quickstart_lands_within_half_a_point_of_float32(tmp_path):
   """The quickstart's recipe (ConvNet 16/32/64, SAT + PACT, fp32 and W4A4 side by side,

@@ -72,11 +72,7 @@ def _launch(directory: Path, workdir: Path, *, processes: int = 2, devices: int 
 
 
 def _final_state(workdir):
-  ckpt = train.Checkpoints(str(workdir))
-  try:
-    state, _ = ckpt.restore_arrays()
-  finally:
-    ckpt.close()
+  state, _ = train.latest_arrays(str(workdir))
   return jax.tree_util.tree_map(np.asarray, state)
 
 

@@ -97,6 +97,22 @@ def test_abs_max_weight_scale_zeroes_most_2_bit_weights(tiny_config):
     assert bool(kernel_warnings) == warned, (quantizer, messages)
 
 
+def test_qil_weight_interval_at_abs_max_zeroes_most_2_bit_weights(tiny_config):
+  # The qkd recipes calibrated weight intervals to [0, max|w|]: >90 % of 2-bit codes were 0.
+  tiny_config.bits = (2,)
+  tiny_config.model.options.widths = (16, 32, 32)
+  method = _method(tiny_config, weight_quantizer="qil", act_quantizer="qil")
+  state = method.init_state(jax.random.key(0))
+  _, messages = _observe(method, state, _unit_batch())
+  assert not any("/kernel" in m and "in one level" in m for m in messages), messages
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(state.params["model"]))
+  for path in [p for p in flat if p[-1] in ("kernel_centre", "kernel_half_width")]:
+    flat[path] = jnp.full_like(flat[path], jnp.max(jnp.abs(flat[path[:-1] + ("kernel",)])) / 2)
+  absmax = state.replace(params={**state.params, "model": traverse_util.unflatten_dict(flat)})
+  _, messages = _observe(method, absmax, _unit_batch())
+  assert any("/kernel" in m and "in one level" in m for m in messages), messages
+
+
 def test_the_loop_logs_health_and_summarises_it(tiny_config, tmp_path):
   tiny_config.quant.monitor = True
   tiny_config.quant.act_param_init.alpha = 8.0

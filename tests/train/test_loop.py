@@ -15,10 +15,7 @@ from qflax.train import metrics as metrics_lib
 
 
 def _final_params(workdir):
-  ckpt = train.Checkpoints(workdir)
-  state, meta = ckpt.restore_arrays()
-  ckpt.close()
-  return state, meta
+  return train.latest_arrays(workdir)
 
 
 def test_one_and_eight_devices_agree(tiny_config, tmp_path):

@@ -90,3 +90,32 @@ def pact(x: jax.Array, alpha: jax.Array, bits, *, gradient: str = "pact") -> jax
 def pact_integer(x: jax.Array, alpha: jax.Array, bits: int) -> IntegerTensor:
   """Integer form of :func:`pact` (either gradient): codes in ``[0, 2^k - 1]``, scale ``alpha / (2^k - 1)``."""
   return _encode(x, jnp.asarray(alpha, x.dtype), bits_lib.check_integer_bits(bits))
+
+
+# Candidate clips r p99.9(x) for the data-based init, r = i / 32.
+INIT_CANDIDATES = 32
+
+
+def pact_init_alpha(x: jax.Array, bits=32, percentile: float = 99.9) -> jax.Array:
+  """A clip from calibration activations: ``alpha = r p`` with ``p`` the ``percentile``
+  of ``x`` and ``r`` on ``i / 32``, ``i = 1..32``, minimising ``mean((pact(x) - x)^2)``
+  at ``bits`` (``alpha = p`` at 32 bits).
+
+  The percentile alone suits 8 bits but not 2: with ``alpha = p99.9`` of unit-scale
+  post-ReLU activations the 2-bit levels are about ``{0, 1.1, 2.2, 3.3}``, 60-70 % of
+  the inputs round to 0, and PACT's clip, which learns only from the few clipped
+  inputs, barely moves (found by the qat recipe's smoke test: W2A2 at 31 % against
+  W8A8's 77 % after 200 steps).
+
+  Example:
+    >>> alpha = pact_init_alpha(calibration_activations, bits=2)
+  """
+  bits = bits_lib.check_bits(bits)
+  top = jnp.maximum(jnp.percentile(x, percentile), 1e-3)
+  ratios = jnp.arange(1, INIT_CANDIDATES + 1, dtype=jnp.float32) / INIT_CANDIDATES
+
+  def error(ratio):
+    return jnp.mean((dequantize(_encode(x, ratio * top, bits)) - x) ** 2)
+
+  best = ratios[jnp.argmin(jax.lax.map(error, ratios))]
+  return jnp.where(bits_lib.is_full_precision(bits), 1.0, best) * top

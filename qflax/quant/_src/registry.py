@@ -79,8 +79,7 @@ def _lsq(name, role, signed, defaults):
 
 def _qil(name, role, signed, init):
   def init_params(x, bits):
-    del bits
-    centre, half_width = init(x)
+    centre, half_width = init(x, bits)
     return {"centre": centre, "half_width": half_width}
   return Quantizer(
       name, role, ("centre", "half_width"), {"centre": 1.0, "half_width": 1.0},
@@ -126,7 +125,7 @@ def _pact(name, gradient):
       name, "activation", ("alpha",), {"alpha": 8.0},
       lambda x, b, p: pact.pact(x, p["alpha"], b, gradient=gradient),
       lambda x, b, p: pact.pact_integer(x, p["alpha"], b),
-      lambda x, b: {"alpha": jnp.maximum(jnp.percentile(x, 99.9), 1e-3)},
+      lambda x, b: {"alpha": pact.pact_init_alpha(x, b)},
       _grid_step(lambda x, b, p: pact._encode(x, jnp.asarray(p["alpha"], x.dtype), b)))
 
 
@@ -153,6 +152,7 @@ for _q in (
     _sat("sat_centered_fp_normalized", True, True),
     _lsq("lsq", "weight", True, {"step": 0.01}),
     _qil("qil", "weight", True, qil.qil_init_weight),
+    _qil("qil_absmax", "weight", True, lambda x, bits: qil.qil_init_weight(x)),   # the spec's c + d = max|w|
     _uniform("uniform", "weight", _channel_scale),
     _uniform("uniform_layer", "weight", _layer_mse_scale),
     _uniform("uniform_layer_absmax", "weight", _tensor_scale),
@@ -162,7 +162,7 @@ for _q in (
     _pact("pact_adabits", "adabits"),
     _lsq("lsq", "activation", False, {"step": 0.1}),
     _lsq("lsq_signed", "activation", True, {"step": 0.1}),
-    _qil("qil", "activation", False, qil.qil_init_activation),
+    _qil("qil", "activation", False, lambda x, bits: qil.qil_init_activation(x)),
     _qil("qil_signed", "activation", True, qil.qil_init_weight),
     _free("hwgq", "activation", hwgq.hwgq, hwgq.hwgq_integer, lambda x, b: hwgq._encode(x, b, "paper")),
     _uniform("uniform", "activation", _tensor_scale),
