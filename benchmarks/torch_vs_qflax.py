@@ -16,7 +16,7 @@ as Python ints, so every random swap mask is a new graph (qflax passes them as
 data and compiles once).
 
   python benchmarks/torch_vs_qflax.py [--rounds 5] [--iters 1] [--rows resnet20:fp:128,...]
-                                      [--no-compile] [--profile]
+                                      [--no-compile] [--bf16] [--profile]
 
 ``--profile`` (alone, no timing rows unless --rows is given) breaks down the qflax CPU
 step for ResNet-20 qat W4A4 at batch 128: op counts of the compiled HLO, per-thunk
@@ -61,7 +61,7 @@ STEP_NAMES = {"fp": "fp", "qat": "qat w4a4", "aao": "aao, 5 bits, swapping", "cm
 # --- qflax ------------------------------------------------------------------------
 
 
-def qflax_config(model: str, step: str, bit_axis: str = "loop"):
+def qflax_config(model: str, step: str, bit_axis: str = "loop", compute_dtype: str = "float32"):
   if model == "convnet":
     c = load_config_file(os.path.join(ROOT, "qflax", "configs", "quickstart.py"))
     shape, classes = (28, 28, 1), 10
@@ -71,6 +71,7 @@ def qflax_config(model: str, step: str, bit_axis: str = "loop"):
     shape, classes = (32, 32, 3), 100
   c.method.name = step
   c.method.bit_axis = bit_axis
+  c.compute_dtype = compute_dtype
   if step == "fp":
     c.bits = (32,)
     c.quant.weight_quantizer = c.quant.act_quantizer = "none"
@@ -85,9 +86,9 @@ def qflax_config(model: str, step: str, bit_axis: str = "loop"):
   return c, shape, classes
 
 
-def qflax_step(model, step, x, y, bit_axis="loop"):
+def qflax_step(model, step, x, y, bit_axis="loop", compute_dtype="float32"):
   """``(run, first-call seconds, compiled)`` for the jitted qflax step on device arrays."""
-  config, shape, classes = qflax_config(model, step, bit_axis)
+  config, shape, classes = qflax_config(model, step, bit_axis, compute_dtype)
   m = methods.create(config, methods.Task(classes, shape, 100))
   state = jax.jit(m.init_state)(jax.random.key(2))
   fn = jax.jit(lambda s, x, y, k: m.train_step(s, x, y, k, 0), donate_argnums=0)
@@ -174,6 +175,9 @@ def time_rows(args):
     y = rng.integers(0, classes, batch)
     run, firsts[row, "qflax"], _ = qflax_step(model, step, jnp.asarray(x), jnp.asarray(y))
     variants[row, "qflax"] = run
+    if args.bf16:
+      variants[row, "bf16"], firsts[row, "bf16"], _ = qflax_step(model, step, jnp.asarray(x), jnp.asarray(y),
+                                                                 compute_dtype="bfloat16")
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(memory_format=torch.channels_last)
     ty = torch.from_numpy(y).long()
     variants[row, "eager"], firsts[row, "eager"] = torch_step(model, step, tx, ty, compiled=False)
@@ -198,8 +202,8 @@ def time_rows(args):
 
 def print_table(rows, med, firsts):
   print("\n| model | step | batch | qflax jit ms | qflax img/s | torch eager ms | eager img/s | eager / qflax "
-        "| torch.compile ms | compiled img/s | compiled / qflax |")
-  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "| torch.compile ms | compiled img/s | compiled / qflax | qflax bf16 ms | bf16 / qflax |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for row in rows:
     model, step, batch = row
     q = med[row, "qflax"]
@@ -211,6 +215,8 @@ def print_table(rows, med, firsts):
         cells += [str(reason) if v == "compile" else "-", "-", "-"]
       else:
         cells += [f"{t * 1e3:,.0f}", f"{batch / t:,.0f}", f"{t / q:.2f}x"]
+    t = med.get((row, "bf16"))
+    cells += ["-", "-"] if t is None else [f"{t * 1e3:,.0f}", f"{t / q:.2f}x"]
     print("| " + " | ".join(cells) + " |")
   print("\nFirst call (compile + one step), seconds:\n")
   print("| model | step | batch | qflax jit | torch eager | torch.compile |")
@@ -412,6 +418,7 @@ def main():
   parser.add_argument("--iters", type=int, default=1)
   parser.add_argument("--rows", default=None, help=f"model:step:batch,... (default {DEFAULT_ROWS})")
   parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+  parser.add_argument("--bf16", action="store_true", help="also time the qflax step with compute_dtype=bfloat16")
   parser.add_argument("--profile", action="store_true", help="profile the qflax ResNet-20 qat step (CPU)")
   args = parser.parse_args()
   if args.rows is None and not args.profile:

@@ -22,14 +22,28 @@ configure_cpu_thread_pools()   # two XLA:CPU pool threads per fake device (see q
 import pytest  # noqa: E402
 
 
+# The longest groups, started first (with --no-loadscope-reorder xdist hands groups out
+# in collection order, two queued per worker): the two halves of the recipe smoke tests
+# go to different workers.
+_LONGEST_FIRST = ("recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch", "test_qkd",
+                  "test_cmtkd", "test_aao", "test_tq", "test_loop", "test_reliability")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-  """With ``pytest -n 2 --dist loadgroup`` (the README's test command) each test module
-  runs on one worker, so its module fixtures are built once; a test may name its own
-  ``xdist_group`` (the recipe smoke tests are split in two)."""
+  """For ``pytest -n 2 --dist loadgroup --no-loadscope-reorder`` (the README's test
+  command): each test module runs on one worker, so its module fixtures are built once
+  (a test may name its own ``xdist_group``: the recipe smoke tests are split in two), and
+  the longest groups come first."""
+  def group(item):
+    marker = item.get_closest_marker("xdist_group")
+    return marker.args[0] if marker else item.module.__name__.rpartition(".")[2]
+
   for item in items:
     if not item.get_closest_marker("xdist_group"):
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+      item.add_marker(pytest.mark.xdist_group(group(item)))
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(group(item), len(rank)))
 
 from qflax.train import default_config  # noqa: E402
 

@@ -118,8 +118,10 @@ def test_calibration_sets_each_slot_from_data():
 
   calibrated = qnn.calibrate(apply, variables, batches, plans)
   alpha = np.asarray(calibrated["params"]["input_alpha"])
-  want = np.mean([np.percentile(np.asarray(b), 99.9) for b in batches])
-  np.testing.assert_allclose(alpha[[2, 3]], want, rtol=1e-4)
+  for bits in (4, 2):   # PACT's bits-aware clip, averaged over the batches
+    want = np.mean([quant.pact_init_alpha(b, bits) for b in batches])
+    np.testing.assert_allclose(alpha[BIT_SET.index(bits)], want, rtol=1e-4)
+  assert alpha[BIT_SET.index(2)] < alpha[BIT_SET.index(4)]
   np.testing.assert_array_equal(alpha[[0, 1, 4]], np.asarray(variables["params"]["input_alpha"])[[0, 1, 4]])
   step = np.asarray(calibrated["params"]["kernel_step"])
   kernel = variables["params"]["kernel"]

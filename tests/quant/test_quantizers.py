@@ -100,7 +100,7 @@ CASES = [
          lambda x, b: quant.qil_integer(x, CENTRE, HALF, b, signed=True),
          lambda x, b: (-1.0, 1.0),
          lambda x, b: ((np.abs(x) >= CENTRE - HALF) & (np.abs(x) <= CENTRE + HALF)) / (2 * HALF),
-         idempotent=False, registered=(("weight", "qil"), ("activation", "qil_signed"))),
+         idempotent=False, registered=(("weight", "qil"), ("weight", "qil_absmax"), ("activation", "qil_signed"))),
     Case("qil_activation", lambda x, b: quant.qil(x, CENTRE, HALF, b, signed=False),
          lambda x, b: quant.qil_integer(x, CENTRE, HALF, b, signed=False),
          lambda x, b: (0.0, 1.0),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from qflax.quant._src import bits as bits_lib
 from qflax.quant._src import ste
 from qflax.quant._src.integer import IntegerTensor, dequantize
+from qflax.quant._src.uniform import mse_search
 
 _MIN_ALPHA = 1e-6
 GRADIENTS = ("pact", "adabits")
@@ -112,10 +113,6 @@ def pact_init_alpha(x: jax.Array, bits=32, percentile: float = 99.9) -> jax.Arra
   """
   bits = bits_lib.check_bits(bits)
   top = jnp.maximum(jnp.percentile(x, percentile), 1e-3)
-  ratios = jnp.arange(1, INIT_CANDIDATES + 1, dtype=jnp.float32) / INIT_CANDIDATES
-
-  def error(ratio):
-    return jnp.mean((dequantize(_encode(x, ratio * top, bits)) - x) ** 2)
-
-  best = ratios[jnp.argmin(jax.lax.map(error, ratios))]
-  return jnp.where(bits_lib.is_full_precision(bits), 1.0, best) * top
+  candidates = jnp.arange(1, INIT_CANDIDATES + 1, dtype=jnp.float32) / INIT_CANDIDATES * top
+  best = mse_search(x, None, candidates, lambda v, alpha: dequantize(_encode(v, alpha, bits)))
+  return jnp.where(bits_lib.is_full_precision(bits), top, best)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from qflax.quant._src import bits as bits_lib
 from qflax.quant._src import ste
 from qflax.quant._src.integer import IntegerTensor, dequantize
+from qflax.quant._src.uniform import mse_search
 
 _MIN_HALF_WIDTH = 1e-6
 # Smallest interval width, q - p >= MIN_WIDTH_ABS + MIN_WIDTH_REL * p: the absolute
@@ -179,16 +180,11 @@ def qil_init_weight(w: jax.Array, bits=32):
     >>> c, d = qil_init_weight(kernel, bits=2)     # c + d ~ 1.2 std(kernel) for Gaussian weights
   """
   bits = bits_lib.check_bits(bits)
-  top = jnp.max(jnp.abs(w))
-  ratios = jnp.arange(1, INIT_CANDIDATES + 1, dtype=jnp.float32) / INIT_CANDIDATES
-
-  def error(ratio):     # QIL's output is in [-1, 1]; with p = 0, w ~ (c + d) * output
-    half = jnp.maximum(ratio * top / 2.0, _MIN_HALF_WIDTH)
-    return jnp.mean((2.0 * half * dequantize(_encode(w, half, half, bits, True)) - w) ** 2)
-
-  best = ratios[jnp.argmin(jax.lax.map(error, ratios))]
-  ratio = jnp.where(bits_lib.is_full_precision(bits), 1.0, best)
-  half = jnp.maximum(ratio * top / 2.0, _MIN_HALF_WIDTH)
+  top = jnp.maximum(jnp.max(jnp.abs(w)), 2.0 * _MIN_HALF_WIDTH)
+  candidates = jnp.arange(1, INIT_CANDIDATES + 1, dtype=jnp.float32) / INIT_CANDIDATES * top
+  # QIL's output is in [-1, 1]; with p = 0, w ~ (c + d) * output.
+  best = mse_search(w, None, candidates, lambda v, clip: clip * dequantize(_encode(v, clip / 2, clip / 2, bits, True)))
+  half = jnp.maximum(jnp.where(bits_lib.is_full_precision(bits), top, best) / 2.0, _MIN_HALF_WIDTH)
   return half, half
 
 

@@ -134,8 +134,8 @@ def _check_method(method, allowed):
     raise ValueError(f"method={method!r} is not a calibration method here; allowed: {allowed}")
 
 
-def _mse_search(x, axes, candidates, quantize):
-  """Picks, per scale group, the candidate (leading axis) with the lowest MSE."""
+def mse_search(x, axes, candidates, quantize):
+  """Picks, per scale group, the candidate (leading axis) with the lowest ``mean((quantize(x, c) - x)^2)``."""
   def group_mse(candidate):
     return jnp.mean((quantize(x, candidate) - x) ** 2, axis=axes, keepdims=axes is not None)
   errors = jax.lax.map(group_mse, candidates)
@@ -167,7 +167,7 @@ def calibrate_symmetric(x: jax.Array, bits, *, method: str = "absmax", channel_a
   if method == "mse":
     ratios = jnp.arange(1, num_candidates + 1, dtype=x.dtype) / num_candidates
     candidates = ratios.reshape((-1,) + (1,) * jnp.ndim(scale)) * scale
-    scale = _mse_search(x, axes, candidates, lambda v, s: dequantize(_encode_symmetric(v, bits, s)))
+    scale = mse_search(x, axes, candidates, lambda v, s: dequantize(_encode_symmetric(v, bits, s)))
   return scale
 
 
@@ -200,6 +200,6 @@ def calibrate_asymmetric(x: jax.Array, bits, *, method: str = "minmax", channel_
     return params_for(1.0)
   ratios = jnp.arange(1, num_candidates + 1, dtype=x.dtype) / num_candidates
   candidates = ratios.reshape((-1,) + (1,) * jnp.ndim(lo)) * jnp.ones_like(lo)
-  best_ratio = _mse_search(
+  best_ratio = mse_search(
       x, axes, candidates, lambda v, r: dequantize(_encode_asymmetric(v, bits, *params_for(r))))
   return params_for(best_ratio)
