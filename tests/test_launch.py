@@ -93,3 +93,11 @@ def test_evaluate_and_export_modes(tmp_path):
   out = _launch("--mode=export", "--workdir", str(workdir))
   assert out.returncode == 0, out.stderr
   assert (workdir / "export" / "model.stablehlo").exists() and (workdir / "export" / "fp32.qfx").exists()
+
+
+def test_bfloat16_from_the_command_line(tmp_path):
+  out = _quick("--workdir", str(tmp_path / "bf16"), "--config.compute_dtype=bfloat16")
+  assert out.returncode == 0, out.stderr
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["compute_dtype"] == "bfloat16"
+  out = _quick("--workdir", str(tmp_path / "f16"), "--config.compute_dtype=float16")
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "bfloat16" in out.stderr, out.stderr
