@@ -3,9 +3,10 @@ SAT weights + PACT activations, adaptive teachers, block swapping p = 0.5,
 SGD nesterov 0.9, lr 0.1 cosine, weight decay 5e-4 on weights, batch 128, 200 epochs.
 
 PACT's clip starts from the data (per bit-width slot, the clip at or below the 99.9th
-percentile of 4 calibration batches with the least quantization error) and carries PACT's L2 penalty (``optimizer.clip_weight_decay``): started
-at 8 on unit-scale activations with neither, it never moves and the 2-bit member stays
-near chance. ``quant.act_quantizer=pact_adabits`` gives AdaBits' clip gradient instead.
+percentile of 4 calibration batches with the least quantization error) and carries PACT's
+L2 penalty (``optimizer.clip_weight_decay``): started at 8 on unit-scale activations with
+neither, it never moves and the 2-bit member stays near chance.
+``quant.act_quantizer=pact_adabits`` gives AdaBits' clip gradient instead.
 
   python launch.py --config configs/aao_cifar100.py --workdir runs/aao_cifar100
   # from a trained full-precision network (AdaBits / AAO on ImageNet start so):

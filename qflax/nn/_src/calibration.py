@@ -22,8 +22,8 @@ def calibrate(apply_fn: Callable[..., Any], variables, batches: Iterable[Any],
   learnable quantizer scalars for the slot it ran at (PACT: the clip at or
   below the input's 99.9th percentile with the least error at the slot's bits;
   LSQ: ``2 mean|v| / sqrt(Q_P)``; QIL: the weight interval ``[0, r max|w|]`` with
-  the least error, the activation interval ``[0, p99.9]``). Estimates are averaged over batches and
-  written into ``params[layer]["input_<name>"][slot]`` (and ``kernel_<name>``).
+  the least error, the activation interval ``[0, p99.9]``). Estimates are
+  averaged over batches and written into ``params[layer]["input_<name>"][slot]`` (and ``kernel_<name>``).
   Slots no plan visits keep their values.
 
   Returns:
