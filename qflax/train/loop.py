@@ -327,6 +327,7 @@ class _Session:
     self.save(step, state, accuracy=mean_accuracy)
 
   def log_train(self, step: int, state: TrainState, images, metrics, phase, epoch: int, rate: float):
+    """Logs the step's metrics (and quantizer health); ``rate`` is the window's images per second."""
     loss = self.check_loss(metrics, step)
     learning_rate = float(phase.learning_rate(step - int(self.run.phase_starts[self.run.phase_of(step - 1)])))
     self.log.write(step, "train", {**jax.device_get(metrics), "learning_rate": learning_rate}, epoch=epoch,
@@ -337,7 +338,7 @@ class _Session:
                      epoch=epoch, phase=phase.name)
     self.progress.update(step, phase=phase.name, epoch=epoch, epochs=self.run.total_steps // self.run.steps_per_epoch,
                          loss=loss, accuracy=float(metrics["accuracy"]),
-                         images_per_second=rate * self.run.config.loop.batch_size, steps_per_second=rate)
+                         images_per_second=rate, steps_per_second=rate / self.run.config.loop.batch_size)
 
   def check_signal(self, step: int, state: TrainState, *, sync: bool = True):
     """Checkpoints and stops if a signal arrived (``sync``: see :meth:`_SignalFlag.agreed`)."""
