@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST comparisons in docs/results.md, as run (several at a time on one GPU).
-#   bash docs/comparisons.sh qkd|progressive|cmtkd [extra launch.py flags, e.g. --config.seed=1]
+#   bash docs/comparisons.sh aao|qkd|progressive|cmtkd [extra launch.py flags, e.g. --config.seed=1]
 # Workdirs land in $CMP_OUT (default runs/cmp/); the results.md of each is printed at the end.
 set -euo pipefail
-what=${1:?qkd, progressive or cmtkd}; shift || true
+what=${1:?aao, qkd, progressive or cmtkd}; shift || true
 extra=("$@")
 out=${CMP_OUT:-runs/cmp}
 mkdir -p "$out"
@@ -13,6 +13,15 @@ run() {  # run NAME CONFIG FLAGS...
     || { echo "FAILED $name"; tail -5 "$out/$name.log"; }
 }
 case $what in
+  aao)
+    a="--config.num_epochs=10"
+    run aao aao_fashion_mnist.py $a &
+    run aao_no_swap aao_fashion_mnist.py $a --config.method.swap=False &
+    run aao_fixed_teacher aao_fashion_mnist.py $a --config.method.teacher=fixed &
+    run aao_beta05 aao_fashion_mnist.py $a --config.method.beta=0.5 &
+    # dedicated models, one per bit-width, same quantizers and epochs
+    run aao_qat quickstart.py $a --config.bits='(32,8,4,2)' &
+    wait ;;
   qkd)
     # The full-precision teacher (wider ConvNet), trained once, then loaded by every KD run.
     run qkd_teacher quickstart.py --config.method.name=fp --config.bits='(32,)' \
@@ -46,8 +55,9 @@ case $what in
         --config.method.feature_loss=False &
     # plain QAT at 2 bits with the same quantizers and epochs
     run cm_qat quickstart.py --config.bits='(2,)' --config.num_epochs=10 \
-        --config.quant.weight_quantizer=uniform_layer --config.quant.act_quantizer=hwgq &
+        --config.quant.weight_quantizer=uniform_layer --config.quant.act_quantizer=hwgq \
+        --config.quant.act_param_init='{}' &
     wait ;;
   *) echo "unknown comparison $what"; exit 2 ;;
 esac
-for f in "$out"/*/results.md; do echo "== $f"; cat "$f"; done
+for f in "$out"/*/results.md; do [ -e "$f" ] && { echo "== $f"; cat "$f"; }; done; true

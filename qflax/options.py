@@ -428,7 +428,8 @@ class QuantSettings(Settings):
       names |= set(quant.get_quantizer(role_name, "activation").param_names)
     for key, value in self.act_param_init.items():
       if key not in names:
-        self.fail("act_param_init", f"parameters of the activation quantizers: {sorted(names) or 'none'}")
+        self.fail("act_param_init", f"parameters of the activation quantizers: {sorted(names) or 'none'}, not "
+                  f"{key!r} (after switching quantizers, clear it: --config.quant.act_param_init='{{}}')")
       try:
         _number(value, 0.0, None, True, None)
       except ValueError:
