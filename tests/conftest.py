@@ -71,3 +71,12 @@ def make_tiny_config():
 @pytest.fixture
 def tiny_config():
   return make_tiny_config()
+
+
+def event_scalars(logdir, tag: str) -> list[tuple[int, float]]:
+  """``(step, value)`` of scalar ``tag`` in the TensorBoard event files under ``logdir``, read by
+  TensorBoard's own reader (which honours a resumed writer's purge step)."""
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+  acc.Reload()
+  return [(e.step, e.value) for e in acc.Scalars(tag)]

@@ -1,8 +1,8 @@
 """Run outputs that stream during training: JSONL log, TensorBoard events, console progress.
 
 :class:`MetricsLog` appends to ``metrics.jsonl`` and mirrors scalars, histograms, text and hparams to
-TensorBoard event files through ``tensorboardX`` (no TensorFlow needed). :func:`read_event_scalars` is a small
-dependency-free reader of those files' scalars, for tests and tools.
+TensorBoard event files through ``tensorboardX`` (no TensorFlow needed); TensorBoard's
+``EventAccumulator`` reads them back.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -19,120 +18,6 @@ import warnings
 from typing import Mapping
 
 import numpy as np
-
-# --- Reading TensorBoard event files -------------------------------------------
-# An event file is a sequence of TFRecords (length, masked CRC-32C of the length,
-# data, masked CRC-32C of the data) holding serialized ``tensorflow.Event``
-# protos: wall_time=1, step=2, summary=5{value=1{tag=1, simple_value=2}},
-# session_log=7{status=1, START=1}.
-
-
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), as TFRecord framing uses it."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _event_files(path: str) -> list[str]:
-  if not os.path.isdir(path):
-    return [path]
-  names = sorted(n for n in os.listdir(path) if "tfevents" in n and os.path.isfile(os.path.join(path, n)))
-  return [os.path.join(path, n) for n in names]
-
-
-def _records(path: str):
-  """Yields each record's payload, checking both CRCs."""
-  with open(path, "rb") as f:
-    raw = f.read()
-  pos = 0
-  while pos < len(raw):
-    header = raw[pos:pos + 8]
-    (length,) = struct.unpack("<Q", header)
-    if struct.unpack("<I", raw[pos + 8:pos + 12])[0] != masked_crc32c(header):
-      raise ValueError(f"{path}: bad length CRC at byte {pos}")
-    payload = raw[pos + 12:pos + 12 + length]
-    if struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])[0] != masked_crc32c(payload):
-      raise ValueError(f"{path}: bad data CRC at byte {pos}")
-    pos += 16 + length
-    yield payload
-
-
-def read_event_scalars(path: str) -> list[tuple[int, str, float]]:
-  """Reads back ``(step, tag, value)`` scalar triples from an event file or a directory of them.
-
-  Files are read in name (= creation time) order. Like TensorBoard, a ``SessionLog.START`` event at step
-  ``s`` (written by a writer opened with ``purge_step=s``) discards the triples read so far with step >= s.
-  Non-scalar summaries (histograms, text, hparams) are skipped. Every CRC is checked.
-  """
-  out = []
-  for file in _event_files(path):
-    for payload in _records(file):
-      fields = list(_parse_fields(payload))
-      step = next((v for n, v in fields if n == 2), 0)
-      if any(n == 7 and dict(_parse_fields(v)).get(1) == 1 for n, v in fields):
-        out = [t for t in out if t[0] < step]
-      out.extend(_parse_scalars(step, fields))
-  return out
-
-
-def _read_varint(buf, pos):
-  result = shift = 0
-  while True:
-    byte = buf[pos]
-    result |= (byte & 0x7F) << shift
-    pos += 1
-    if not byte & 0x80:
-      return result, pos
-    shift += 7
-
-
-def _parse_fields(buf):
-  pos = 0
-  while pos < len(buf):
-    key, pos = _read_varint(buf, pos)
-    number, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _read_varint(buf, pos)
-    elif wire == 1:
-      value, pos = buf[pos:pos + 8], pos + 8
-    elif wire == 5:
-      value, pos = buf[pos:pos + 4], pos + 4
-    else:
-      length, pos = _read_varint(buf, pos)
-      value, pos = buf[pos:pos + length], pos + length
-    yield number, value
-
-
-def _parse_scalars(step, fields):
-  for number, summary in fields:
-    if number == 5:
-      for _, value in _parse_fields(summary):
-        parts = dict(_parse_fields(value))
-        if 2 in parts:   # simple_value
-          yield step, parts[1].decode(), struct.unpack("<f", parts[2])[0]
-
-
-# --- metrics.jsonl and TensorBoard -------------------------------------------------
 
 
 def _truncate_jsonl(path: str, resume_step: int) -> int:
