@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from qflax import cli
+from qflax import cli, train
 from qflax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,3 +46,12 @@ def test_every_comparison_command_is_a_valid_config(what, runs, tmp_path):
     cli.apply_overrides(config, overrides)
     settings = config_lib.load(config)     # raises ConfigError naming the field
     assert settings.run.seed == 1
+
+
+def test_a_stale_activation_parameter_is_refused_with_the_way_out():
+  config = config_lib.load_config_file(cli.resolve_config("quickstart"))
+  cli.apply_overrides(config, [("quant.act_quantizer", "hwgq")])
+  with pytest.raises(train.ConfigError, match=r"not 'alpha' .*--config\.quant\.act_param_init='\{\}'"):
+    config_lib.load(config)
+  cli.apply_overrides(config, [("quant.act_param_init", "{}")])
+  assert config_lib.load(config).run.quant.act_quantizer == "hwgq"

@@ -298,7 +298,8 @@ class _Session:
     return loss
 
   def record_window(self, phase_index: int, steps: int, seconds: float):
-    """Throughput excludes each phase's first (compiling) window."""
+    """Records a window of ``steps`` steps; returns its images per second. The run's
+    throughput excludes each phase's first (compiling) window."""
     images = steps * self.run.config.loop.batch_size
     self.meta["train_seconds"] += seconds
     self.all_images += images

@@ -9,17 +9,12 @@ import os
 import numpy as np
 import pytest
 
+from conftest import tensorboard_events
+
 from qflax.train import metrics as metrics_lib
 
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+pytest.importorskip("tensorboard")
 pytest.importorskip("tensorboardX")
-
-
-def _accumulator(logdir):
-  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0,
-                                                                       "tensors": 0})
-  acc.Reload()
-  return acc
 
 
 def _jsonl(workdir):
@@ -37,7 +32,7 @@ def test_scalars_histograms_text_and_hparams_read_back_by_tensorboard(tmp_path):
   assert [r["step"] for r in _jsonl(tmp_path)] == [1, 2, 3] and _jsonl(tmp_path)[0]["epoch"] == 0
   assert os.listdir(tmp_path / "tensorboard") and all(
       os.path.isfile(tmp_path / "tensorboard" / n) for n in os.listdir(tmp_path / "tensorboard"))
-  acc = _accumulator(tmp_path / "tensorboard")
+  acc = tensorboard_events(tmp_path / "tensorboard")
   assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
   assert acc.Scalars("hparams/accuracy")[0].value == pytest.approx(0.9)
   histogram = acc.Histograms("params/kernel")[0]
@@ -67,7 +62,7 @@ def test_resume_step_drops_later_rows_in_jsonl_and_tensorboard(tmp_path):
   assert [r["step"] for r in _jsonl(tmp_path) if r["split"] == "train"] == list(range(1, 8))
   assert len(os.listdir(tmp_path / "tensorboard")) == 2   # the killed run's file is kept, not overwritten
   expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0)]
-  assert [(e.step, e.value) for e in _accumulator(tmp_path / "tensorboard").Scalars("train/loss")] == expected
+  assert [(e.step, e.value) for e in tensorboard_events(tmp_path / "tensorboard").Scalars("train/loss")] == expected
 
 
 def test_resume_without_a_log_and_without_later_rows(tmp_path):
