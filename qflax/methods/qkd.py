@@ -20,7 +20,8 @@ may start from an ``fp`` run of its own architecture (``method.student_checkpoin
 Every bit-width in ``config.bits`` gets its own (student, teacher) pair, stacked
 and mapped like ``qat`` replicas. Phases of 0 epochs are skipped, so SS only
 (plain QAT) is ``phase_epochs=(E, 0, 0)`` and plain KD from a fixed teacher is
-``(0, 0, E)``.
+``(0, 0, E)`` (with a teacher that was loaded or trained first: tutoring from a
+teacher that never trained is refused).
 
 Options: :class:`QKDOptions`. The phase lengths (``teacher_epochs`` and
 ``phase_epochs``) are scaled to ``num_epochs`` when they do not add up to it.
@@ -67,6 +68,11 @@ class QKDOptions(MethodOptions):
       self.fail("phase_epochs", "three epoch counts >= 0 (self-studying, co-studying, tutoring), not all 0")
     if self.teacher_epochs and self.teacher_checkpoint:
       self.fail("teacher_epochs", "0 when method.teacher_checkpoint is set (load the teacher or train it, not both)")
+    _, co_studying, tutoring = self.phase_epochs
+    if tutoring and not (co_studying or self.teacher_epochs or self.teacher_checkpoint):
+      self.fail("phase_epochs", "a tutoring phase after the teacher has trained: a frozen teacher that never "
+                "trained teaches nothing (set method.teacher_checkpoint, method.teacher_epochs or co-studying "
+                "epochs)")
     try:
       self.epochs
     except ValueError as e:

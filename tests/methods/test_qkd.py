@@ -207,6 +207,8 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
     ("method.teacher_model", "resnet57", "teacher_model"),
     ("method.teacher_options", {"depth": 3}, "teacher_options"),
     ("method.tau", 2.0, "unknown"),
+    # Reported defect: tutoring from a teacher that was neither loaded nor trained was accepted.
+    ("method.phase_epochs", (2, 0, 1), "frozen teacher that never trained"),
 ])
 def test_bad_qkd_fields_are_named(tiny_config, field, value, match):
   config = _qkd_config(tiny_config)

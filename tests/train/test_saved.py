@@ -17,7 +17,7 @@ METHODS = {
     "qat": {},
     "aao": {"bits": (8, 2)},
     "qkd": {"bits": (2,), "method": {"teacher_model": "convnet", "teacher_options": {"widths": (4, 8, 8)},
-                                     "phase_epochs": (1, 0, 1)}, "quant": {"weight_quantizer": "qil",
+                                     "phase_epochs": (0, 1, 1)}, "quant": {"weight_quantizer": "qil",
                                                                             "act_quantizer": "qil"}},
     "cmtkd": {"bits": (2,), "method": {"teacher_bits": (4,), "warmup_epochs": 1},
               "quant": {"weight_quantizer": "uniform_layer", "act_quantizer": "hwgq"}},
