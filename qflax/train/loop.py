@@ -377,6 +377,7 @@ def run_phase(session: _Session, state: TrainState, phase_index: int) -> TrainSt
       epoch_ended = offset == run.steps_per_epoch
       logged = step % loop.log_every_steps == 0 or epoch_ended
       if logged:
+        jax.block_until_ready((state, metrics))   # dispatch is asynchronous: time the finished steps
         rate = session.record_window(phase_index, window_steps, time.perf_counter() - window_start)
         session.log_train(step, state, images, metrics, phase, epoch, rate)
         window_start, window_steps = time.perf_counter(), 0
@@ -388,6 +389,7 @@ def run_phase(session: _Session, state: TrainState, phase_index: int) -> TrainSt
       if step == end:
         break
     if window_steps:
+      jax.block_until_ready(state)
       session.record_window(phase_index, window_steps, time.perf_counter() - window_start)
   return state
 
