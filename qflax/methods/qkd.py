@@ -109,7 +109,9 @@ class QKD(Method):
               "co_studying": {"student": 1.0, "teacher": opts.teacher_lr_multiplier}, "tutoring": {"student": 1.0}}
     self.phases = tuple(self.phase(name, epochs, groups[name])
                         for name, epochs in zip(("teacher",) + PHASES, opts.epochs) if epochs)
-    self.variants = students + tuple(Variant(f"teacher_{v.name}", 32, 32) for v in students)
+    # A teacher that is neither loaded nor trained is random: not reported (self-studying alone).
+    teacher_known = opts.teacher_checkpoint or opts.teacher_epochs or opts.phase_epochs[1]
+    self.variants = students + tuple(Variant(f"teacher_{v.name}", 32, 32) for v in students if teacher_known)
 
   def init_state(self, rng):
     k_student, k_teacher = jax.random.split(rng)

@@ -246,3 +246,16 @@ def test_phase_lengths_scale_to_num_epochs(tiny_config):
   method = build(config)
   assert [(p.name, p.num_epochs) for p in method.phases] == [
       ("teacher", 4), ("self_studying", 1), ("co_studying", 2), ("tutoring", 1)]
+
+
+@pytest.mark.parametrize("overrides, reports_teacher", [
+    ({"phase_epochs": (2, 0, 0)}, False),                       # self-studying alone: the teacher stays random
+    ({"phase_epochs": (2, 0, 0), "teacher_epochs": 1}, True),
+    ({"phase_epochs": (1, 1, 0)}, True),
+])
+def test_a_teacher_that_never_trained_is_not_reported(tiny_config, overrides, reports_teacher):
+  """Noticed: a self-studying-only run reported its random teacher (about chance) as
+  ``teacher_w2a2`` beside the student, as if it had been part of the run."""
+  names = [v.name for v in build(_qkd_config(tiny_config, **overrides)).variants]
+  assert names[:2] == ["w4a4", "w2a2"]
+  assert (names[2:] == ["teacher_w4a4", "teacher_w2a2"]) is reports_teacher
