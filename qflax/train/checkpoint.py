@@ -178,7 +178,9 @@ def state_digest(tree) -> str:
 
 
 _META_TYPES = {"best_accuracy": (int, float), "best_step": (int, type(None)), "train_seconds": (int, float),
-               "images_per_second": (int, float), "phase_accuracy": dict, "digest": str}
+               "phase_accuracy": dict, "digest": str}
+# Throughput totals; checkpoints written before they existed lack them.
+_OPTIONAL_META_TYPES = {"train_images": int, "timed_images": int, "timed_seconds": (int, float)}
 
 
 class Checkpoints:
@@ -253,22 +255,25 @@ class Checkpoints:
       except CheckpointError as e:
         errors.append(e)
         continue
-      for e in errors:
-        self.warn(f"warning: {e}; resuming from step {step} instead")
-      self._quarantine(errors)
+      for e, moved_to in zip(errors, self._quarantine(errors)):
+        self.warn(f"warning: {e.damage}; moved to {moved_to}, using step {step} instead")
       return step, state, meta
     if errors:
       raise errors[0]
     raise CheckpointError(f"no checkpoint in {self.directory}")
 
-  def _quarantine(self, errors):
+  def _quarantine(self, errors) -> list[str]:
+    """Moves the damaged checkpoints to ``checkpoints/damaged/``; returns where each went."""
+    moved = []
     for e in errors:
-      source = os.path.join(self.directory, str(e.step))
       target = os.path.join(self.directory, "damaged", str(e.step))
+      target = target if not os.path.exists(target) else f"{target}.{os.getpid()}"
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(source, target if not os.path.exists(target) else f"{target}.{os.getpid()}")
+      os.replace(os.path.join(self.directory, str(e.step)), target)
+      moved.append(target)
     if errors:
       self._manager.reload()
+    return moved
 
   def _restore(self, step, state_args) -> tuple[Any, dict]:
     step = self.latest_step() if step is None else step
@@ -280,6 +285,8 @@ class Checkpoints:
       raise self._error(step, f"{type(e).__name__}: {_first_line(e)}") from None
     meta = restored["meta"]
     bad = [k for k, types in _META_TYPES.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), types)]
+    bad += [k for k, types in _OPTIONAL_META_TYPES.items() if isinstance(meta, dict) and k in meta
+            and not isinstance(meta[k], types)]
     if bad:
       raise self._error(step, f"its metadata has no valid {', '.join(bad)}")
     if state_digest(restored["state"]) != meta["digest"]:
@@ -287,10 +294,10 @@ class Checkpoints:
     return restored["state"], meta
 
   def _error(self, step, why):
-    error = CheckpointError(
-        f"checkpoint {os.path.join(self.directory, str(step))} is damaged or does not match this run ({why}). "
-        "It was left as it is: move it away to start again, or resume with the config that wrote it")
-    error.step = step
+    damage = f"checkpoint {os.path.join(self.directory, str(step))} is damaged or does not match this run ({why})"
+    error = CheckpointError(f"{damage}. It was left as it is: move it away to start again, or resume with the "
+                            "config that wrote it")
+    error.step, error.damage = step, damage
     return error
 
   def wait(self):

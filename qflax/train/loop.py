@@ -225,8 +225,8 @@ def initial_state(run: Run, ckpt: Checkpoints) -> tuple[TrainState, dict]:
     write_task(run.workdir, method.task, run.info, run.batches.fingerprint())
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(run.config_dict, f, indent=2)
-  meta = {"best_accuracy": -1.0, "best_step": None, "train_seconds": 0.0, "images_per_second": 0.0,
-          "phase_accuracy": {}}
+  meta = {"best_accuracy": -1.0, "best_step": None, "train_seconds": 0.0, "train_images": 0, "timed_seconds": 0.0,
+          "timed_images": 0, "phase_accuracy": {}}
   return jax.device_put(state, run.replicated), meta
 
 
@@ -269,13 +269,13 @@ class _Session:
   def __init__(self, run: Run, ckpt: Checkpoints, meta: dict, resume_step: int | None, stop: _SignalFlag,
                step_hook):
     self.run, self.ckpt, self.meta, self.stop, self.step_hook = run, ckpt, meta, stop, step_hook
+    self.resume_step = resume_step
     # Process 0 writes the logs and results; every process trains and checkpoints.
     self.writer = jax.process_index() == 0
     self.log = MetricsLog(run.workdir, resume_step=resume_step) if self.writer else _NullLog()
     self.progress = Progress(run.total_steps)
     self.health = HealthMonitor(run.method, self.progress.message) if run.config.run.quant.monitor else None
-    self.timed_images, self.timed_seconds, self.all_images = 0, 0.0, 0
-    self.timed_phases: set[int] = set()
+    self.timed_phases: set[int] = set()   # phases whose first (compiling) window this process has run
 
   def save(self, step: int, state: TrainState, *, accuracy: float | None = None):
     """Checkpoints ``state`` unless it holds a NaN or infinity (then stops the run)."""
@@ -299,21 +299,22 @@ class _Session:
 
   def record_window(self, phase_index: int, steps: int, seconds: float):
     """Records a window of ``steps`` steps; returns its images per second. The run's
-    throughput excludes each phase's first (compiling) window."""
-    images = steps * self.run.config.loop.batch_size
-    self.meta["train_seconds"] += seconds
-    self.all_images += images
+    throughput, kept in ``meta`` across resumed sessions, excludes each session's first
+    (compiling) window of a phase."""
+    images, meta = steps * self.run.config.loop.batch_size, self.meta
+    meta["train_seconds"] += seconds
+    meta["train_images"] = meta.get("train_images", 0) + images
     if phase_index in self.timed_phases:
-      self.timed_seconds += seconds
-      self.timed_images += images
+      meta["timed_seconds"] = meta.get("timed_seconds", 0.0) + seconds
+      meta["timed_images"] = meta.get("timed_images", 0) + images
     self.timed_phases.add(phase_index)
     return images / seconds if seconds > 0 else 0.0
 
   def images_per_second(self) -> float:
-    if self.timed_images:
-      return self.timed_images / self.timed_seconds
-    return float(self.meta["images_per_second"]) or (
-        self.all_images / self.meta["train_seconds"] if self.meta["train_seconds"] else 0.0)
+    meta = self.meta
+    if meta.get("timed_images"):
+      return meta["timed_images"] / meta["timed_seconds"]
+    return meta.get("train_images", 0) / meta["train_seconds"] if meta["train_seconds"] else 0.0
 
   def evaluation(self, step: int, state: TrainState, phase, epoch: int, phase_ended: bool):
     """Evaluates, records, then checkpoints with the updated metadata (and ``best``)."""
@@ -395,9 +396,18 @@ def run_phase(session: _Session, state: TrainState, phase_index: int) -> TrainSt
 
 
 def finish(session: _Session, state: TrainState) -> dict:
-  """Writes ``results.json``/``.md`` and the plot; returns the results."""
+  """Writes ``results.json``/``.md`` and the plot; returns the results. A run that had
+  already finished keeps the results it wrote then (its throughput and quantizer health
+  were measured by the session that trained)."""
   run = session.run
   method = run.method
+  written = os.path.join(run.workdir, "results.json")
+  if session.writer and session.resume_step == run.total_steps and os.path.exists(written):
+    try:
+      with open(written) as f:
+        return _announce(session, json.load(f))
+    except (ValueError, KeyError, TypeError):
+      pass   # a damaged results.json is written again
   accuracies = session.meta["phase_accuracy"].get(method.phases[-1].name) or evaluate(run, state)
   if not session.writer:
     return {"variants": [{"name": v.name, "accuracy": accuracies[v.name]} for v in method.variants]}
@@ -414,9 +424,13 @@ def finish(session: _Session, state: TrainState) -> dict:
   if session.health is not None:
     results["quantizer_health"] = session.health.summary()
   write_results(run.workdir, results)
+  return _announce(session, results)
+
+
+def _announce(session: _Session, results: dict) -> dict:
   session.progress.message("results: " + ", ".join(f"{v['name']} {100 * v['accuracy']:.2f}%"
                                                    for v in results["variants"])
-                           + f" -> {os.path.join(run.workdir, 'results.md')}")
+                           + f" -> {os.path.join(session.run.workdir, 'results.md')}")
   return results
 
 

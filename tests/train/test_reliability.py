@@ -68,7 +68,9 @@ def test_1_a_corrupt_checkpoint_is_refused_and_the_previous_good_one_resumed(tin
   capfd.readouterr()
   resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
   err = capfd.readouterr().err
-  assert "checkpoints/5 is damaged" in err and "resuming from step 4 instead" in err, err
+  assert "checkpoints/5 is damaged" in err and "using step 4 instead" in err, err
+  # Reported: the warning said the checkpoint "was left as it is" while it was moved aside.
+  assert "moved to " + str(tmp_path / "run" / "checkpoints" / "damaged" / "5") in err and "left as it is" not in err
   assert (tmp_path / "run" / "checkpoints" / "damaged" / "5").is_dir()           # kept, moved aside
   a, b = _state(tmp_path / "full")[0], _state(tmp_path / "run")[0]
   jax.tree_util.tree_map(np.testing.assert_array_equal, a["params"], b["params"])
