@@ -62,6 +62,10 @@ class DatasetSettings(Settings):
   num_workers: int = options.integer(8, 1, doc="streaming host threads")
   synthetic: SyntheticSettings = options.nested(SyntheticSettings)
 
+  def check(self):
+    if self.stream and not (data.is_streamed(self.name) or self.name == "synthetic"):
+      self.fail("stream", f"False for {self.name!r} (streaming sources: imagenet2012, imagenette, ucf101, synthetic)")
+
   @property
   def streamed(self) -> bool:
     return self.stream or data.is_streamed(self.name)

@@ -188,6 +188,14 @@ def test_6_bad_model_and_data_options_fail_before_compute(tiny_config, tmp_path,
   assert not (tmp_path / "run").exists()
 
 
+def test_6_streaming_a_dataset_without_a_streaming_source_is_named(tiny_config, tmp_path):
+  """Reported defect: ``dataset.stream=True`` on fashion_mnist was a 20-line traceback, rc 1."""
+  tiny_config.dataset.name, tiny_config.dataset.stream = "fashion_mnist", True
+  with pytest.raises(train.ConfigError, match=r"dataset\.stream=True .*streaming sources"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_8_a_second_run_in_the_same_workdir_is_refused(tiny_config, tmp_path):
   os.makedirs(tmp_path, exist_ok=True)
   with checkpoint_lib.WorkdirLock(str(tmp_path)):
