@@ -101,3 +101,15 @@ def test_int32_accumulation_bound():
   im, layer = _dense_model(33026)
   with pytest.raises(ValueError, match="overflow"):
     inference._prepare_layer(im, "dense", layer)
+
+
+def test_raw_integer_images_are_refused():
+  """Reported defect: ``integer_logits`` on uint8 images gave wrong logits without an error
+  (it takes the normalised float input, like the float forward)."""
+  _, _, _, im = build("convnet-sat-pact-fp")
+  x = inputs(im.input_shape, batch=4, seed=1)
+  raw = np.clip(np.asarray(x) * 64 + 128, 0, 255).astype(np.uint8)
+  for fn in (export.integer_logits, export.layer_errors):
+    with pytest.raises(TypeError, match=r"normalised as in training .* not uint8 images"):
+      fn(im, "w4a4", raw)
+  assert export.integer_logits(im, "w4a4", x).shape == (4, im.num_classes)

@@ -158,14 +158,26 @@ def integer_forward(im: IntegerModel, variant: str):
   return apply_fn, operands
 
 
+def _network_input(x) -> jax.Array:
+  """``x`` if it is the network's float input; raw integer images are refused."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"the integer path takes the network's float input, normalised as in training "
+                    f"((images / 255 - mean) / std, with mean and std from the run's export/manifest.json), "
+                    f"not {x.dtype} images")
+  return x
+
+
 def integer_logits(im: IntegerModel, variant: str, x) -> jax.Array:
-  """The variant's logits computed on the integer path (see the module docstring).
+  """The variant's logits computed on the integer path (see the module docstring), for
+  ``x`` normalised as in training: ``(images / 255 - mean) / std`` with the run's mean and
+  std (``export/manifest.json``); raw ``uint8`` images raise ``TypeError``.
 
   Example:
-    >>> logits = integer_logits(im, "w4a4", images)
+    >>> logits = integer_logits(im, "w4a4", (images / 255.0 - mean) / std)
   """
   apply_fn, operands = integer_forward(im, variant)
-  return apply_fn(operands, x)
+  return apply_fn(operands, _network_input(x))
 
 
 class LayerError(NamedTuple):
@@ -207,6 +219,7 @@ def layer_errors(im: IntegerModel, variant: str, x) -> dict[str, LayerError]:
     >>> errors = layer_errors(im, "w4a4", images)
     >>> assert all(e.bound_ratio <= 1 for e in errors.values())
   """
+  x = _network_input(x)
   static, kernels = _prepare(im, variant)
   model, variables, plan = rebuild_lib.rebuild(im, variant)
 
