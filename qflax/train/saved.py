@@ -139,7 +139,12 @@ def evaluate(run: SavedRun, dataset: config_lib.DatasetSettings | None = None, b
   settings = config_lib.load(run.config).loop
   loop = dataclasses.replace(settings, dataset=dataset or settings.dataset, num_devices=1,
                              eval_batch_size=batch_size or settings.eval_batch)
-  batches, *_ = loop_lib.load_batches(loop, 0, loop_lib.make_mesh(1))
+  batches, name, _, info = loop_lib.load_batches(loop, 0, loop_lib.make_mesh(1))
+  shape, task = tuple(np.shape(batches.sample)), run.method.task
+  if (info.num_classes, shape) != (task.num_classes, task.input_shape):
+    raise config_lib.ConfigError(
+        f"dataset {name!r} has {info.num_classes} classes of shape {shape}; the run was trained on "
+        f"{task.num_classes} classes of shape {task.input_shape}")
   return loop_lib.evaluate_variants(loop_lib.make_eval_step(run.method, run.mean, run.std), run.variants, batches,
                                     run.state)
 

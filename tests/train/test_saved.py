@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,6 +65,17 @@ def test_load_and_evaluate_reproduce_the_reported_accuracy(runs, name):
   assert [v.name for v in run.variants] == [v["name"] for v in results["variants"]]
   accuracies = saved.evaluate(run)
   assert accuracies == {v["name"]: v["accuracy"] for v in results["variants"]}
+
+
+@pytest.mark.parametrize("change", [{"num_classes": 5}, {"image_size": 12}])
+def test_evaluating_on_data_the_model_cannot_take_is_one_line(runs, change):
+  """Reported defect: another dataset's shape was a Flax traceback, and 5-class data on a
+  4-class model was evaluated without complaint."""
+  run = saved.load(runs["qat"][0])
+  dataset = train.load(run.config).loop.dataset
+  dataset = dataclasses.replace(dataset, synthetic=dataclasses.replace(dataset.synthetic, **change))
+  with pytest.raises(train.ConfigError, match=r"the run was trained on 4 classes of shape \(8, 8, 1\)"):
+    saved.evaluate(run, dataset)
 
 
 def test_model_bytes_is_the_integer_file_and_export_round_trips(runs, tmp_path):
