@@ -392,6 +392,15 @@ def scale_epochs(epochs, total: int) -> tuple[int, ...]:
 # --- the shared settings every method reads --------------------------------------
 
 
+def model_options_error(name: str, model_options: dict) -> str | None:
+  """Why the registered model ``name`` cannot be built with ``model_options`` (None if it can)."""
+  try:
+    models.get_model(name, 10, models.QuantSpec(), **model_options)
+  except (TypeError, ValueError) as e:
+    return str(e)
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSettings(Settings):
   section = "model"
@@ -399,10 +408,9 @@ class ModelSettings(Settings):
   options: dict = mapping({}, doc="the model builder's keyword arguments (e.g. width, widths)")
 
   def check(self):
-    try:
-      models.get_model(self.name, 10, models.QuantSpec(), **self.options)
-    except (TypeError, ValueError) as e:
-      self.fail("options", f"options of model {self.name!r} ({e})")
+    why = model_options_error(self.name, self.options)
+    if why:
+      self.fail("options", f"options of model {self.name!r} ({why})")
 
   def build(self, num_classes: int, spec: models.QuantSpec) -> models.Network:
     return models.get_model(self.name, num_classes, spec, **self.options)

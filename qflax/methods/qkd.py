@@ -60,10 +60,9 @@ class QKDOptions(MethodOptions):
                                                 doc="the teacher's learning rate in co-studying, relative")
 
   def check(self):
-    try:
-      options.ModelSettings(self.teacher_model, self.teacher_options)
-    except options.ConfigError as e:
-      self.fail("teacher_options", f"options of model {self.teacher_model!r} ({str(e).split('(', 1)[-1]}")
+    why = options.model_options_error(self.teacher_model, self.teacher_options)
+    if why:
+      self.fail("teacher_options", f"options of model {self.teacher_model!r} ({why})")
     if not sum(self.phase_epochs):
       self.fail("phase_epochs", "three epoch counts >= 0 (self-studying, co-studying, tutoring), not all 0")
     if self.teacher_epochs and self.teacher_checkpoint:

@@ -205,7 +205,9 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
     ("method.phase_epochs", (0, 0, 0), "phase_epochs"),
     ("method.temperature", 0.0, "temperature"),
     ("method.teacher_model", "resnet57", "teacher_model"),
-    ("method.teacher_options", {"depth": 3}, "teacher_options"),
+    # Reported defect: the message repeated a fragment of itself ("...} is invalid; allowed: ... } is invalid").
+    ("method.teacher_options", {"widths": (4, 8, 8), "depth": 3}, r"teacher_options=\{'depth': 3, 'widths': "
+     r"\(4, 8, 8\)\} is invalid; allowed: options of model 'convnet' \([^{}]*'depth'\)$"),
     ("method.tau", 2.0, "unknown"),
     # Reported defect: tutoring from a teacher that was neither loaded nor trained was accepted.
     ("method.phase_epochs", (2, 0, 1), "frozen teacher that never trained"),
