@@ -280,22 +280,21 @@ class _Session:
   def save(self, step: int, state: TrainState, *, accuracy: float | None = None):
     """Checkpoints ``state`` unless it holds a NaN or infinity (then stops the run)."""
     if not bool(_all_finite(state.params)) or not bool(_all_finite(state.opt_state)):
-      kept = self.ckpt.latest_step()
-      raise NonFiniteLossError(
-          f"the training state became non-finite at step {step}; training stopped. The last good checkpoint "
-          f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in {self.ckpt.directory}. "
-          "Lower optimizer.learning_rate or check the data.")
+      raise self._stopped("the training state became non-finite", step)
     self.ckpt.save(step, state, dict(self.meta), accuracy=accuracy)
 
   def check_loss(self, metrics, step: int) -> float:
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      kept = self.ckpt.latest_step()
-      raise NonFiniteLossError(
-          f"loss became {loss} at step {step}; training stopped. The last good checkpoint "
-          f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept in {self.ckpt.directory}. "
-          "Lower optimizer.learning_rate or check the data.")
+      raise self._stopped(f"loss became {loss}", step)
     return loss
+
+  def _stopped(self, what: str, step: int) -> NonFiniteLossError:
+    kept = self.ckpt.latest_step()
+    where = (f"The last good checkpoint (step {kept}) is kept in {self.ckpt.directory}." if kept is not None
+             else "No checkpoint had been written yet.")
+    return NonFiniteLossError(f"{what} at step {step}; training stopped. {where} "
+                              "Lower optimizer.learning_rate or check the data.")
 
   def record_window(self, phase_index: int, steps: int, seconds: float):
     """Records a window of ``steps`` steps; returns its images per second. The run's

@@ -85,6 +85,15 @@ def test_1_the_digest_catches_a_changed_array():
   assert checkpoint_lib.state_digest(changed) != digest
 
 
+def test_2_a_run_stopped_before_its_first_checkpoint_says_so(tiny_config, tmp_path):
+  """Reported defect: the message said the last good checkpoint ("none yet") was kept in a
+  checkpoints directory that did not exist."""
+  tiny_config.optimizer.learning_rate = 1e30
+  with pytest.raises(train.NonFiniteLossError, match="No checkpoint had been written yet") as stopped:
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert "kept in" not in str(stopped.value) and not _steps(tmp_path)
+
+
 def test_2_nothing_non_finite_is_saved(tiny_config, tmp_path):
   tiny_config.optimizer.learning_rate = 1e30
   tiny_config.checkpoint_every_steps = 1
