@@ -64,7 +64,8 @@ class DatasetSettings(Settings):
 
   def check(self):
     if self.stream and not (data.is_streamed(self.name) or self.name == "synthetic"):
-      self.fail("stream", f"False for {self.name!r} (streaming sources: imagenet2012, imagenette, ucf101, synthetic)")
+      streaming = ", ".join((*data.sources.STREAMED, "synthetic"))
+      self.fail("stream", f"False for {self.name!r} (streaming sources: {streaming})")
 
   @property
   def streamed(self) -> bool:
