@@ -61,6 +61,8 @@ def apply_overrides(config, overrides: list[tuple[str, str]]):
         raise UsageError(options.unknown_fields_message(".".join(parents[:i]), [part], known))
       node = node[part]
     value = _literal(text)
+    if isinstance(node.get(leaf), float) and isinstance(value, str):
+      value = _float_or_text(text)     # "nan", "inf": refused by the field's own check, with its allowed values
     if leaf not in node and not _may_add(node, parents, leaf, config):
       known = list(node.keys())
       if parents == ["method"]:
@@ -70,7 +72,20 @@ def apply_overrides(config, overrides: list[tuple[str, str]]):
       with node.unlocked() if hasattr(node, "unlocked") else _nothing():
         node[leaf] = value
     except (TypeError, ValueError) as e:
-      raise UsageError(f"config field {path}={text} is invalid: {str(e).splitlines()[0]}") from None
+      expected = _KINDS.get(type(node.get(leaf)) if isinstance(node, ml_collections.ConfigDict) else None)
+      why = f"{expected} is expected" if expected else str(e).splitlines()[0]
+      raise UsageError(f"config field {path}={text} is invalid: {why}") from None
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string", tuple: "a tuple",
+          list: "a list"}
+
+
+def _float_or_text(text: str):
+  try:
+    return float(text)
+  except ValueError:
+    return text
 
 
 class _nothing:

@@ -101,3 +101,28 @@ def test_bfloat16_from_the_command_line(tmp_path):
   assert json.loads((tmp_path / "bf16" / "config.json").read_text())["compute_dtype"] == "bfloat16"
   out = _quick("--workdir", str(tmp_path / "f16"), "--config.compute_dtype=float16")
   assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "bfloat16" in out.stderr, out.stderr
+
+
+def test_a_value_of_the_wrong_kind_names_the_kind_and_nan_gets_the_fields_own_check():
+  """A NaN learning rate got ml_collections' "cannot be casted" message; it now reaches
+  the field's check (which names the allowed values), and a wrong kind says what is expected."""
+  import pytest
+
+  from qflax import cli
+  from qflax.train import config as config_lib
+
+  for text in ("nan", "inf", "-inf"):
+    config = config_lib.default_config()
+    cli.apply_overrides(config, [("optimizer.learning_rate", text)])
+    with pytest.raises(config_lib.ConfigError, match=r"optimizer.learning_rate=.* allowed: a finite number > 0"):
+      config_lib.load(config)
+  for path, text, expected in (("optimizer.learning_rate", "abc", "a number"), ("num_epochs", "abc", "an integer"),
+                               ("quant.monitor", "yes", "True or False")):
+    with pytest.raises(cli.UsageError, match=f"{path}={text} is invalid: {expected} is expected$"):
+      cli.apply_overrides(config_lib.default_config(), [(path, text)])
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
+  out = _quick("--workdir", str(tmp_path), "--config.optimizer.warmup_epochs=1")   # TINY: num_epochs=1
+  assert out.returncode == 2 and "optimizer.warmup_epochs=1.0 is invalid" in out.stderr, out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "config.json").exists()
