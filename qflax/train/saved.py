@@ -62,7 +62,11 @@ class SavedRun(NamedTuple):
     """Logits for a batch of images (``uint8``, or floats in ``[0, 255]``) at ``variant``."""
     if self.method not in _PREDICT:
       _PREDICT[self.method] = jax.jit(self.method.eval_logits)
-    x = data_lib.normalize(jnp.asarray(images), self.mean, self.std)
+    images, expected = jnp.asarray(images), tuple(self.method.task.input_shape)
+    if images.shape[1:] != expected:
+      raise ValueError(f"images of shape (batch, {', '.join(map(str, expected))}) expected (what the run was "
+                       f"trained on), got {images.shape}")
+    x = data_lib.normalize(images, self.mean, self.std)
     return _PREDICT[self.method](self.state, x, jnp.int32(self.index(variant)))
 
 
@@ -164,12 +168,15 @@ def stablehlo(run: SavedRun) -> bytes:
   """``jax.export`` of ``(images, variant_index) -> logits`` with the trained state as
   constants: uint8 (or float) images of shape ``(batch, *input_shape)`` with a symbolic
   batch, normalised inside; the variant index is a runtime int32, so one artifact serves
-  every variant. Loads with ``jax.export.deserialize`` in plain JAX."""
+  every variant; an index outside ``0 .. len(variants) - 1`` gives NaN logits (a runtime
+  input cannot raise). Loads with ``jax.export.deserialize`` in plain JAX."""
   from jax import export as jax_export
   state, method, mean, std = run.state, run.method, run.mean, run.std
+  last = len(method.variants) - 1
 
   def logits(images, variant_index):
-    return method.eval_logits(state, data_lib.normalize(images, mean, std), variant_index)
+    out = method.eval_logits(state, data_lib.normalize(images, mean, std), jnp.clip(variant_index, 0, last))
+    return jnp.where((variant_index >= 0) & (variant_index <= last), out, jnp.nan)
   batch = jax_export.symbolic_shape("batch")
   shape = jax.ShapeDtypeStruct(batch + tuple(method.task.input_shape), jnp.uint8)
   exported = jax_export.export(jax.jit(logits))(shape, jax.ShapeDtypeStruct((), jnp.int32))
@@ -195,7 +202,7 @@ def export(run: SavedRun, directory: str | None = None) -> dict:
   manifest = {"variants": [v.name for v in run.variants], "files": files,
               "stablehlo": {"file": "model.stablehlo", "bytes": len(artifact),
                             "inputs": ["uint8 images (batch, " + ", ".join(map(str, run.method.task.input_shape)) + ")",
-                                       "int32 variant index"]},
+                                       f"int32 variant index (0..{len(run.variants) - 1}; another gives NaN logits)"]},
               "input_shape": list(run.method.task.input_shape), "mean": list(run.mean), "std": list(run.std),
               "step": run.step}
   with open(os.path.join(directory, "manifest.json"), "w") as f:

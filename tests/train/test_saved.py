@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -108,7 +109,7 @@ import sys, jax, numpy as np
 from jax import export
 exported = export.deserialize(open({str(tmp_path / 'model.stablehlo')!r}, 'rb').read())
 images = np.load({str(tmp_path / 'images.npy')!r})
-out = [np.asarray(exported.call(images, np.int32(k))) for k in range({len(run.variants)})]
+out = [np.asarray(exported.call(images, np.int32(k))) for k in range(-1, {len(run.variants)} + 1)]
 np.save({str(tmp_path / 'out.npy')!r}, np.stack(out))
 assert not any(m.startswith('qflax') for m in sys.modules), [m for m in sys.modules if m.startswith('qflax')]
 """
@@ -116,9 +117,19 @@ assert not any(m.startswith('qflax') for m in sys.modules), [m for m in sys.modu
                                                                                "PATH": "/usr/bin:/bin"})
   out = np.load(tmp_path / "out.npy")
   for k in range(len(run.variants)):
-    np.testing.assert_allclose(out[k], run.predict(images, k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[k + 1], run.predict(images, k), rtol=1e-5, atol=1e-5)
+  # Reported defect: an index past the variants returned some variant's logits.
+  assert np.isnan(out[0]).all() and np.isnan(out[-1]).all()
   manifest = json.loads((tmp_path / "manifest.json").read_text())
   assert manifest["variants"] == [v.name for v in run.variants]
+
+
+def test_predict_names_the_image_shape_it_takes(runs):
+  """Reported defect: a wrong image shape was a Flax/lax traceback."""
+  run = saved.load(runs["qat"][0])
+  for shape in ((8, 8, 1), (2, 12, 12, 1), (2, 8, 8, 3)):
+    with pytest.raises(ValueError, match=r"images of shape \(batch, 8, 8, 1\) expected .* got " + re.escape(str(shape))):
+      run.predict(np.zeros(shape, np.uint8), 0)
 
 
 def test_a_workdir_that_holds_no_run_is_refused(tmp_path):
