@@ -187,6 +187,13 @@ def _after_training(mode: str, workdir: str, overrides) -> int:
   return 0
 
 
+def _no_orbax_errors(record) -> bool:
+  """Orbax logs a failed background write with its traceback, several times over (hundreds of
+  lines on a full disk); the same error reaches the checkpoint's save or wait, which
+  reports it in one line."""
+  return not (record.levelno >= 40 and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 def run(argv: list[str]) -> int:
   """The command; returns the exit code."""
   from absl import logging
@@ -195,6 +202,7 @@ def run(argv: list[str]) -> int:
     print(describe())
     return 0
   logging.set_verbosity(logging.WARNING)   # keep Orbax's per-save INFO lines off the console
+  logging.get_absl_logger().addFilter(_no_orbax_errors)
   from qflax.train.devices import configure_cpu_thread_pools
   configure_cpu_thread_pools()             # before the CPU backend starts: fake devices need room
   if args.distributed:
@@ -223,6 +231,10 @@ def run(argv: list[str]) -> int:
     return 128 + e.signum
   except (train.ConfigError, data.DataUnavailableError, train.CheckpointError, train.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except OSError as e:       # a full disk or a lost mount while writing metrics or results
+    print(f"error: could not write {e.filename or 'to the workdir'} ({e.strerror or e}); the checkpoints "
+          "written so far are kept", file=sys.stderr)
     return EXIT_USAGE
   return 0
 

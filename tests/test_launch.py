@@ -126,3 +126,37 @@ def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
   out = _quick("--workdir", str(tmp_path), "--config.optimizer.warmup_epochs=1")   # TINY: num_epochs=1
   assert out.returncode == 2 and "optimizer.warmup_epochs=1.0 is invalid" in out.stderr, out.stderr
   assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "config.json").exists()
+
+
+def test_a_write_that_fails_on_disk_is_one_line_naming_its_checkpoint(tmp_path):
+  """Reported defect: a full disk printed Orbax's tracebacks (about 300 lines) before the
+  error, and the error named the next save's step, not the one whose write failed. A
+  per-file size limit makes every checkpoint write fail the way a full disk does."""
+  import resource
+  import signal
+
+  def limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # the write fails (EFBIG) instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+  out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--config", "quickstart", *TINY, "--workdir",
+                        str(tmp_path), "--config.checkpoint_every_steps=1"], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, preexec_fn=limit_file_size,
+                       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+  assert out.returncode == 2, out.stderr
+  assert "Traceback" not in out.stderr and "ERROR:absl" not in out.stderr, out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: could not write checkpoint {tmp_path}/checkpoints/1 (File too large)"), last
+
+
+def test_a_failed_write_of_metrics_is_one_line(tmp_path, monkeypatch, capsys):
+  """A full disk can hit the metrics log before a checkpoint: that was a traceback (rc 1)."""
+  from qflax import cli
+  from qflax.train import metrics
+
+  def write(self, *args, **kwargs):
+    raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+  monkeypatch.setattr(metrics.MetricsLog, "write", write)
+  assert cli.run(["--config", "quickstart", *TINY, "--workdir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == (f"error: could not write {tmp_path}/metrics.jsonl (No space left on device); the checkpoints "
+                     "written so far are kept")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -84,17 +85,16 @@ def check_start(start: Start) -> None:
   wanted = json.loads(json.dumps(start.model.options))
   if saved["model"].get("options", {}) != wanted:
     fail(f"its model options {saved['model'].get('options')} differ from {wanted}")
-  if Checkpoints(start.workdir).latest_step() is None:
+  with Checkpoints(start.workdir) as source:
+    latest = source.latest_step()
+  if latest is None:
     fail(f"{os.path.join(start.workdir, 'checkpoints')} holds no checkpoint")
 
 
 def latest_arrays(workdir: str) -> tuple[Any, dict]:
   """The newest checkpoint of ``workdir`` as plain arrays: ``(state tree, meta)``."""
-  source = Checkpoints(workdir)
-  try:
+  with Checkpoints(workdir) as source:
     return source.restore_arrays()
-  finally:
-    source.close()
 
 
 def start_variables(start: Start) -> dict:
@@ -196,6 +196,13 @@ class Checkpoints:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.keep, self.warn = keep, warn
     self._manager = None
+    self._writing = None       # the step of the last save, which may still be writing in the background
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   @property
   def manager(self) -> ocp.CheckpointManager:
@@ -221,16 +228,18 @@ class Checkpoints:
     (an evaluation's mean) makes it a candidate for the best checkpoint."""
     if step in self.steps():
       return
+    self.wait()     # an asynchronous write that failed is reported as its own step, not this one
     meta = {**meta, "digest": state_digest(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     try:
       self.manager.save(step, args=args, force=True, metrics=None if accuracy is None else {"accuracy": accuracy})
     except Exception as e:  # noqa: BLE001 - disk full, permissions: one line, the earlier steps stay
       raise self._write_error(step, e) from None
+    self._writing = step
 
   def _write_error(self, step, cause):
     return CheckpointError(f"could not write checkpoint {os.path.join(self.directory, str(step))} "
-                           f"({type(cause).__name__}: {_first_line(cause)}); the earlier checkpoints are kept")
+                           f"({_write_cause(cause)}); the earlier checkpoints are kept")
 
   def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
     """A checkpoint as plain arrays (no target structure needed): ``(state tree, meta)``.
@@ -301,17 +310,31 @@ class Checkpoints:
     return error
 
   def wait(self):
-    if self._manager is not None:
+    if self._manager is not None and self._writing is not None:
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # noqa: BLE001
-        raise self._write_error(self.latest_step(), e) from None
+        raise self._write_error(self._writing, e) from None
+      finally:
+        self._writing = None
 
   def close(self):
+    """Waits for the last write, then closes the manager (also when that write failed)."""
     if self._manager is not None:
-      self.wait()
-      self._manager.close()
-      self._manager = None
+      try:
+        self.wait()
+      finally:
+        self._manager.close()
+        self._manager = None
+
+
+def _write_cause(error) -> str:
+  """The OS error behind a failed write (TensorStore reports it as ``os_error_code='28'``
+  inside a long message), else the error's first line."""
+  code = error.errno if isinstance(error, OSError) and error.errno else None
+  found = re.search(r"os_error_code='(\d+)'", str(error))
+  code = code or (int(found.group(1)) if found else None)
+  return os.strerror(code) if code else f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error) -> str:

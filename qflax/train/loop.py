@@ -460,7 +460,11 @@ class _NoLock:
 
 
 def _train(run: Run, step_hook) -> dict:
-  ckpt = Checkpoints(run.workdir, warn=lambda m: print(m, file=sys.stderr))
+  with Checkpoints(run.workdir, warn=lambda m: print(m, file=sys.stderr)) as ckpt:
+    return _train_with(run, ckpt, step_hook)
+
+
+def _train_with(run: Run, ckpt: Checkpoints, step_hook) -> dict:
   if ckpt.latest_step() is not None:
     if not os.path.exists(os.path.join(run.workdir, "config.json")):
       raise CheckpointError(f"{ckpt.directory} holds checkpoints but {run.workdir}/config.json is missing; "
@@ -482,7 +486,8 @@ def _train(run: Run, step_hook) -> dict:
       session.check_signal(int(state.step), state)
       results = finish(session, state)
     finally:
-      ckpt.wait()
-      session.log.close()
-  ckpt.close()
+      try:
+        ckpt.wait()
+      finally:
+        session.log.close()
   return results

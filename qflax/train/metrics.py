@@ -126,9 +126,11 @@ class MetricsLog:
     self._tb.flush()
 
   def close(self):
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    try:
+      self._file.close()
+    finally:
+      if self._tb is not None:
+        self._tb.close()
 
 
 # --- Console ------------------------------------------------------------------------

@@ -116,8 +116,7 @@ def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
   except (KeyError, TypeError, ValueError):
     raise CheckpointError(f"{workdir}/{TASK_FILE} is damaged (fields missing or of the wrong type)") from None
   method = methods.get_method(settings.method_name)(settings.method, task)
-  ckpt = Checkpoints(workdir)
-  try:
+  with Checkpoints(workdir) as ckpt:
     starts = np.cumsum([0] + [p.num_epochs * task.steps_per_epoch for p in method.phases])
     fresh = jax.eval_shape(method.init_state, jax.random.key(0))
 
@@ -132,8 +131,6 @@ def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
         raise CheckpointError(f"the run in {workdir} has not been evaluated yet, so it has no best checkpoint")
       step = meta["best_step"]
       state, _ = ckpt.restore(step, target_for(step))
-  finally:
-    ckpt.close()
   return SavedRun(workdir, config, method, state, step, mean, std)
 
 

@@ -230,6 +230,27 @@ def test_9_disk_full_is_one_line_and_keeps_the_earlier_checkpoints(tiny_config, 
   assert _steps(tmp_path) == [1, 2] and saved == [1, 2]
 
 
+def test_9_a_failed_background_write_is_named_by_its_own_step(tmp_path, monkeypatch):
+  """Reported defect: Orbax writes in the background, and a write that failed was
+  reported under the step of the next save."""
+  meta = {"best_accuracy": -1.0, "best_step": None, "train_seconds": 0.0, "phase_accuracy": {}}
+  state = {"w": np.arange(4, dtype=np.float32)}
+  failures = [OSError(28, "No space left on device")]
+  original = checkpoint_lib.ocp.CheckpointManager.wait_until_finished
+
+  def wait_until_finished(self):
+    original(self)
+    if failures and 2 in self.all_steps():
+      raise failures.pop()
+  with train.Checkpoints(str(tmp_path)) as ckpt:
+    ckpt.save(1, state, meta)
+    ckpt.save(2, state, meta)
+    monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "wait_until_finished", wait_until_finished)
+    with pytest.raises(train.CheckpointError, match=r"checkpoints/2 \(No space left on device\)"):
+      ckpt.save(3, state, meta)
+  monkeypatch.undo()
+
+
 def test_9_a_damaged_config_json_or_a_step_beyond_the_run_is_one_error(tiny_config, tmp_path):
   tiny_config.num_epochs = 1
   train.train_and_evaluate(tiny_config, str(tmp_path))
@@ -269,7 +290,7 @@ def _idx_dataset(directory, seed):
     data.write_idx(str(directory / f"{split}-labels-idx1-ubyte"), rng.integers(0, 4, n).astype(np.uint8))
 
 
-def test_10_another_idx_dir_on_resume_cannot_switch_the_data(tiny_config, tmp_path):
+def test_10_another_idx_dir_on_resume_cannot_switch_the_data(tiny_config, tmp_path, monkeypatch):
   for name, seed in (("a", 0), ("b", 1)):
     (tmp_path / name).mkdir()
     _idx_dataset(tmp_path / name, seed)
@@ -280,8 +301,15 @@ def test_10_another_idx_dir_on_resume_cannot_switch_the_data(tiny_config, tmp_pa
   with pytest.raises(train.TrainingInterrupted):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"), step_hook=_interrupt_at(2))
   tiny_config.dataset.idx_dir = str(tmp_path / "b")
+  closed = []
+  close = checkpoint_lib.ocp.CheckpointManager.close
+  monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "close", lambda self: closed.append(close(self)))
   with pytest.raises(train.CheckpointError, match="training data differ"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  # Reported defect: a refused resume left Orbax's manager open (its cleanup thread then
+  # printed a traceback at interpreter exit).
+  assert len(closed) == 1
+  monkeypatch.undo()
   moved = tmp_path / "moved"
   os.rename(tmp_path / "a", moved)                                # the same data elsewhere resumes
   tiny_config.dataset.idx_dir = str(moved)
