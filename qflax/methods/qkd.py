@@ -110,7 +110,7 @@ class QKD(Method):
                         for name, epochs in zip(("teacher",) + PHASES, opts.epochs) if epochs)
     # A teacher that is neither loaded nor trained is random: not reported (self-studying alone).
     teacher_known = opts.teacher_checkpoint or opts.teacher_epochs or opts.phase_epochs[1]
-    self.variants = students + tuple(Variant(f"teacher_{v.name}", 32, 32) for v in students if teacher_known)
+    self.variants = students + tuple(Variant(_teacher_name(v.name), 32, 32) for v in students if teacher_known)
 
   def init_state(self, rng):
     k_student, k_teacher = jax.random.split(rng)
@@ -184,7 +184,8 @@ class QKD(Method):
       if role == trains[0]:
         metrics["accuracy"] = jnp.mean(accuracies)
       for j, b in enumerate(self.bits):
-        name = networks.variant_name(b, b) if role == "student" else f"teacher_{networks.variant_name(b, b)}"
+        name = networks.variant_name(b, b)
+        name = name if role == "student" else _teacher_name(name)
         metrics[f"accuracy/{name}"] = accuracies[j]
         if role in trains:
           metrics[f"loss/{name}"] = losses[j]
@@ -210,3 +211,8 @@ class QKD(Method):
   def finalize(self, state, workdir):
     return {**super().finalize(state, workdir), "teacher_model": self.options.teacher_model,
             "phases": [p.name for p in self.phases]}
+
+
+def _teacher_name(student: str) -> str:
+  """The full-precision teacher paired with ``student`` (``teacher_of_w2a2``: not a 2-bit teacher)."""
+  return f"teacher_of_{student}"

@@ -407,7 +407,9 @@ def finish(session: _Session, state: TrainState) -> dict:
         return _announce(session, json.load(f))
     except (ValueError, KeyError, TypeError):
       pass   # a damaged results.json is written again
-  accuracies = session.meta["phase_accuracy"].get(method.phases[-1].name) or evaluate(run, state)
+  stored = session.meta["phase_accuracy"].get(method.phases[-1].name) or {}
+  # A checkpoint from before a variant was renamed lacks the new name: evaluate again.
+  accuracies = stored if all(v.name in stored for v in method.variants) else evaluate(run, state)
   if not session.writer:
     return {"variants": [{"name": v.name, "accuracy": accuracies[v.name]} for v in method.variants]}
   extra = method.finalize(state, run.workdir)

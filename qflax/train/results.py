@@ -48,7 +48,8 @@ def results_markdown(results: dict) -> str:
     lines += ["", "Accuracy at the end of each phase:", "", "| phase | " + " | ".join(names) + " |",
               "|---|" + "---:|" * len(names)]
     for phase, accuracies in phase_accuracy.items():
-      lines.append(f"| {phase} | " + " | ".join(f"{100 * accuracies[n]:.2f} %" for n in names) + " |")
+      cells = (f"{100 * accuracies[n]:.2f} %" if n in accuracies else "-" for n in names)   # "-": renamed since
+      lines.append(f"| {phase} | " + " | ".join(cells) + " |")
   lines += _health_markdown(results.get("quantizer_health"))
   return "\n".join(lines) + "\n"
 

@@ -186,7 +186,7 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
   for path, value in teacher.items():
     np.testing.assert_array_equal(value[0], source[path][0])
   fp_accuracy = json.loads((tmp_path / "fp" / "results.json").read_text())["variants"][0]["accuracy"]
-  assert result["variants"][1]["name"] == "teacher_w2a2"
+  assert result["variants"][1]["name"] == "teacher_of_w2a2"
   assert result["variants"][1]["accuracy"] == pytest.approx(fp_accuracy)
 
   for path, match in ((tmp_path / "missing", "config.json"), (tmp_path / "qkd", "not fp")):
@@ -239,7 +239,21 @@ def test_resuming_mid_phase_restores_the_phase_and_both_networks(tiny_config, tm
   assert list(full["phase_accuracy"]) == ["self_studying", "co_studying", "tutoring"]
   # The teacher changed only in co-studying: before == after SS, and after CS == after TU.
   acc = full["phase_accuracy"]
-  assert acc["co_studying"]["teacher_w2a2"] == acc["tutoring"]["teacher_w2a2"]
+  assert acc["co_studying"]["teacher_of_w2a2"] == acc["tutoring"]["teacher_of_w2a2"]
+
+
+def test_a_run_saved_before_the_teachers_were_renamed_resumes(tiny_config, tmp_path):
+  """The teachers were ``teacher_w2a2`` (named like 2-bit networks) before they became
+  ``teacher_of_w2a2``; a run checkpointed under the old names must still finish."""
+  config = _qkd_config(tiny_config, phase_epochs=(1, 1, 1))
+  config.checkpoint_every_steps = 100
+  with pytest.raises(train.TrainingInterrupted):
+    train.train_and_evaluate(config, str(tmp_path), step_hook=lambda s: s == 7 and os.kill(os.getpid(), signal.SIGINT))
+  (meta_file,) = (tmp_path / "checkpoints").glob("7/meta/metadata")
+  meta_file.write_text(meta_file.read_text().replace("teacher_of_", "teacher_"))
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert [v["name"] for v in result["variants"]][2:] == ["teacher_of_w4a4", "teacher_of_w2a2"]
+  assert "| co_studying | " in (tmp_path / "results.md").read_text()
 
 
 def test_phase_lengths_scale_to_num_epochs(tiny_config):
@@ -256,8 +270,9 @@ def test_phase_lengths_scale_to_num_epochs(tiny_config):
     ({"phase_epochs": (1, 1, 0)}, True),
 ])
 def test_a_teacher_that_never_trained_is_not_reported(tiny_config, overrides, reports_teacher):
-  """Noticed: a self-studying-only run reported its random teacher (about chance) as
-  ``teacher_w2a2`` beside the student, as if it had been part of the run."""
+  """Noticed: a self-studying-only run reported its random teacher (about chance) as a
+  variant beside the student, as if it had been part of the run."""
   names = [v.name for v in build(_qkd_config(tiny_config, **overrides)).variants]
   assert names[:2] == ["w4a4", "w2a2"]
-  assert (names[2:] == ["teacher_w4a4", "teacher_w2a2"]) is reports_teacher
+  # Reported defect: the full-precision teachers were named like 4- and 2-bit networks.
+  assert (names[2:] == ["teacher_of_w4a4", "teacher_of_w2a2"]) is reports_teacher
