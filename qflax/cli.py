@@ -39,10 +39,17 @@ def resolve_config(name: str) -> str:
   raise UsageError(f"config {name!r} is neither a file nor a shipped recipe; recipes: {', '.join(recipe_names())}")
 
 
+class _NonFiniteNames(ast.NodeTransformer):
+  """``nan`` and ``inf`` as floats, so a field's own check can refuse them by name."""
+
+  def visit_Name(self, node):
+    return ast.Constant(float(node.id)) if node.id in ("nan", "inf") else node
+
+
 def _literal(text: str):
   try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+    return ast.literal_eval(_NonFiniteNames().visit(ast.parse(text.strip(), mode="eval")))
+  except (ValueError, SyntaxError, TypeError):
     return text
 
 
@@ -60,9 +67,10 @@ def apply_overrides(config, overrides: list[tuple[str, str]]):
         known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise UsageError(options.unknown_fields_message(".".join(parents[:i]), [part], known))
       node = node[part]
-    value = _literal(text)
-    if isinstance(node.get(leaf), float) and isinstance(value, str):
-      value = _float_or_text(text)     # "nan", "inf": refused by the field's own check, with its allowed values
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise UsageError(f"config field {'.'.join(parents)} is a value, not a section: --config.{path} has no field "
+                       "to set")
+    value = text if isinstance(node.get(leaf), str) else _literal(text)
     if leaf not in node and not _may_add(node, parents, leaf, config):
       known = list(node.keys())
       if parents == ["method"]:
@@ -72,20 +80,13 @@ def apply_overrides(config, overrides: list[tuple[str, str]]):
       with node.unlocked() if hasattr(node, "unlocked") else _nothing():
         node[leaf] = value
     except (TypeError, ValueError) as e:
-      expected = _KINDS.get(type(node.get(leaf)) if isinstance(node, ml_collections.ConfigDict) else None)
+      expected = _KINDS.get(type(node.get(leaf)).__name__)
       why = f"{expected} is expected" if expected else str(e).splitlines()[0]
       raise UsageError(f"config field {path}={text} is invalid: {why}") from None
 
 
-_KINDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string", tuple: "a tuple",
-          list: "a list"}
-
-
-def _float_or_text(text: str):
-  try:
-    return float(text)
-  except ValueError:
-    return text
+_KINDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "tuple": "a tuple",
+          "list": "a list", "dict": "a dict", "ConfigDict": "a dict"}
 
 
 class _nothing:
@@ -187,11 +188,30 @@ def _after_training(mode: str, workdir: str, overrides) -> int:
   return 0
 
 
-def _no_orbax_errors(record) -> bool:
-  """Orbax logs a failed background write with its traceback, several times over (hundreds of
-  lines on a full disk); the same error reaches the checkpoint's save or wait, which
-  reports it in one line."""
-  return not (record.levelno >= 40 and f"{os.sep}orbax{os.sep}" in record.pathname)
+# What Orbax logs, with a traceback each, when a background checkpoint write fails (hundreds
+# of lines on a full disk).
+_ORBAX_WRITE_FAILURES = ("_SignalingThread.run() raised an exception", "in background save thread",
+                         "Save Finalize thread")
+
+
+def _no_orbax_write_failures(record) -> bool:
+  return not (record.levelno >= 40 and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname
+              and any(text in record.getMessage() for text in _ORBAX_WRITE_FAILURES))
+
+
+def _no_closed_loop_callbacks(unraisable):
+  """After a failed write, TensorStore still completes the write's pending futures into
+  the event loop Orbax has closed; each prints "Event loop is closed" (dozens at once)."""
+  if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
+def _quiet_failed_checkpoint_writes():
+  """Keeps what Orbax and TensorStore print about a failed checkpoint write off the console:
+  the checkpoint's save or wait reports the failure in one line."""
+  from absl import logging
+  logging.get_absl_logger().addFilter(_no_orbax_write_failures)
+  sys.unraisablehook = _no_closed_loop_callbacks
 
 
 def run(argv: list[str]) -> int:
@@ -202,19 +222,34 @@ def run(argv: list[str]) -> int:
     print(describe())
     return 0
   logging.set_verbosity(logging.WARNING)   # keep Orbax's per-save INFO lines off the console
-  logging.get_absl_logger().addFilter(_no_orbax_errors)
   from qflax.train.devices import configure_cpu_thread_pools
   configure_cpu_thread_pools()             # before the CPU backend starts: fake devices need room
   if args.distributed:
     import jax
     jax.distributed.initialize()
   from qflax import data, train
-  if args.mode != "train":
-    try:
-      return _after_training(args.mode, _workdir(args, must_exist=True), overrides)
-    except (train.ConfigError, data.DataUnavailableError, train.CheckpointError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return EXIT_USAGE
+  reported = (train.ConfigError, data.DataUnavailableError, train.CheckpointError, train.NonFiniteLossError)
+  workdir = _workdir(args, must_exist=args.mode != "train")
+  try:
+    if args.mode != "train":
+      return _after_training(args.mode, workdir, overrides)
+    _quiet_failed_checkpoint_writes()
+    train.train_and_evaluate(_training_config(args, overrides), workdir)
+  except train.TrainingInterrupted as e:
+    print(str(e), file=sys.stderr)
+    return 128 + e.signum
+  except reported as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except OSError as e:       # a full disk or a lost mount (the checkpoints say so themselves)
+    print(f"error: {e.strerror or e} ({e.filename or 'in ' + workdir}); the checkpoints written so far are kept",
+          file=sys.stderr)
+    return EXIT_USAGE
+  return 0
+
+
+def _training_config(args, overrides):
+  from qflax import train
   try:
     config = train.load_config_file(resolve_config(args.config))
   except (SyntaxError, AttributeError, ImportError) as e:
@@ -223,20 +258,7 @@ def run(argv: list[str]) -> int:
   if args.distributed:
     with config.unlocked() if hasattr(config, "unlocked") else _nothing():
       config.distributed = True
-  workdir = _workdir(args)
-  try:
-    train.train_and_evaluate(config, workdir)
-  except train.TrainingInterrupted as e:
-    print(str(e), file=sys.stderr)
-    return 128 + e.signum
-  except (train.ConfigError, data.DataUnavailableError, train.CheckpointError, train.NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_USAGE
-  except OSError as e:       # a full disk or a lost mount while writing metrics or results
-    print(f"error: could not write {e.filename or 'to the workdir'} ({e.strerror or e}); the checkpoints "
-          "written so far are kept", file=sys.stderr)
-    return EXIT_USAGE
-  return 0
+  return config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -462,7 +462,8 @@ class OptimizerSettings(Settings):
   weight_decay: float = number(5e-4, minimum=0.0, doc="on convolution and dense kernels only")
   schedule: str = choice("cosine", SCHEDULES, doc="per phase: cosine to 0, x0.1 steps, or constant")
   warmup_epochs: float = number(0.0, minimum=0.0,
-                                 doc="linear warm-up at the start of each phase (below num_epochs)")
+                                 doc="linear warm-up at the start of each phase (below num_epochs; a shorter "
+                                     "phase warms up over all but its last step)")
   step_milestones: tuple = numbers_field((0.5, 0.75), minimum=0.0, strict=True, below=1.0, order="increasing",
                                          doc="fractions of the phase where the step schedule multiplies by 0.1")
   quantizer_lr_multiplier: float = number(1.0, minimum=0.0, strict=True,
@@ -492,8 +493,7 @@ class RunSettings(Settings):
   def check(self):
     if self.optimizer.warmup_epochs >= self.num_epochs:
       invalid("optimizer.warmup_epochs", self.optimizer.warmup_epochs,
-              f"a number below num_epochs ({self.num_epochs}); a phase shorter than the warm-up warms up over "
-              "all but its last step")
+              f"a number of epochs below num_epochs ({self.num_epochs})")
 
   def spec(self, bit_set=None) -> models.QuantSpec:
     """The models' settings: quantizers serving ``bit_set`` (``None``: full precision, no

@@ -3,6 +3,7 @@ of a workdir before a run resumes in it, and of the runs a method starts from.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -228,17 +229,18 @@ class Checkpoints:
     (an evaluation's mean) makes it a candidate for the best checkpoint."""
     if step in self.steps():
       return
-    self.wait()     # an asynchronous write that failed is reported as its own step, not this one
     meta = {**meta, "digest": state_digest(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    self.wait()     # a background write that failed is reported as its own step, not this one
+    self._writing = step
     try:
       self.manager.save(step, args=args, force=True, metrics=None if accuracy is None else {"accuracy": accuracy})
     except Exception as e:  # noqa: BLE001 - disk full, permissions: one line, the earlier steps stay
       raise self._write_error(step, e) from None
-    self._writing = step
 
   def _write_error(self, step, cause):
-    return CheckpointError(f"could not write checkpoint {os.path.join(self.directory, str(step))} "
+    where = self.directory if step is None else os.path.join(self.directory, str(step))
+    return CheckpointError(f"could not write checkpoint {where} "
                            f"({_write_cause(cause)}); the earlier checkpoints are kept")
 
   def restore_arrays(self, step: int | None = None) -> tuple[Any, dict]:
@@ -291,7 +293,7 @@ class Checkpoints:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
-      raise self._error(step, f"{type(e).__name__}: {_first_line(e)}") from None
+      raise self._error(step, _described(e)) from None
     meta = restored["meta"]
     bad = [k for k, types in _META_TYPES.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), types)]
     bad += [k for k, types in _OPTIONAL_META_TYPES.items() if isinstance(meta, dict) and k in meta
@@ -310,7 +312,8 @@ class Checkpoints:
     return error
 
   def wait(self):
-    if self._manager is not None and self._writing is not None:
+    """Waits for the background write of the last save; its failure raises, once."""
+    if self._manager is not None:
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # noqa: BLE001
@@ -320,12 +323,18 @@ class Checkpoints:
 
   def close(self):
     """Waits for the last write, then closes the manager (also when that write failed)."""
-    if self._manager is not None:
-      try:
-        self.wait()
-      finally:
+    if self._manager is None:
+      return
+    try:
+      self.wait()
+    except CheckpointError:
+      with contextlib.suppress(Exception):   # Orbax may raise the failed write again
         self._manager.close()
-        self._manager = None
+      raise
+    else:
+      self._manager.close()
+    finally:
+      self._manager = None
 
 
 def _write_cause(error) -> str:
@@ -334,9 +343,10 @@ def _write_cause(error) -> str:
   code = error.errno if isinstance(error, OSError) and error.errno else None
   found = re.search(r"os_error_code='(\d+)'", str(error))
   code = code or (int(found.group(1)) if found else None)
-  return os.strerror(code) if code else f"{type(error).__name__}: {_first_line(error)}"
+  return os.strerror(code) if code else _described(error)
 
 
-def _first_line(error) -> str:
+def _described(error) -> str:
+  """``Type: first line of the message`` (at most 200 characters of it)."""
   text = str(error).strip()
-  return text.splitlines()[0][:200] if text else ""
+  return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"

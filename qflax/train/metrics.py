@@ -83,8 +83,11 @@ class MetricsLog:
   def write(self, step: int, split: str, values: Mapping[str, float], **context):
     """One JSONL record ``{step, split, **context, **values}``; each value also as scalar ``split/name``."""
     record = {"step": step, "split": split, **context, **{k: float(v) for k, v in values.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+    except OSError as e:      # a full disk: name the file (the error itself does not)
+      raise OSError(e.errno, e.strerror, self.path) from None
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), step)
@@ -127,7 +130,9 @@ class MetricsLog:
 
   def close(self):
     try:
-      self._file.close()
+      self._file.close()      # flushes what a failed write left in the buffer: fails again on a full disk
+    except OSError as e:
+      raise OSError(e.errno, e.strerror, self.path) from None
     finally:
       if self._tb is not None:
         self._tb.close()
