@@ -76,11 +76,13 @@ def apply_overrides(config, overrides: list[tuple[str, str]]):
       if parents == ["method"]:
         known += [f.name for f in methods.get_method(config.method.name).Options.declared()]
       raise UsageError(options.unknown_fields_message(".".join(parents), [leaf], sorted(set(known))))
+    expected = _KINDS.get(type(node.get(leaf)).__name__)
     try:
+      if isinstance(value, bool) and node.get(leaf) is not None and not isinstance(node.get(leaf), bool):
+        raise TypeError("ml_collections would take True as 1.0")
       with node.unlocked() if hasattr(node, "unlocked") else _nothing():
         node[leaf] = value
     except (TypeError, ValueError) as e:
-      expected = _KINDS.get(type(node.get(leaf)).__name__)
       why = f"{expected} is expected" if expected else str(e).splitlines()[0]
       raise UsageError(f"config field {path}={text} is invalid: {why}") from None
 

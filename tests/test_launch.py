@@ -124,7 +124,8 @@ def test_a_value_of_the_wrong_kind_names_the_kind_and_nan_gets_the_fields_own_ch
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.load(config)
   for path, text, expected in (("optimizer.learning_rate", "abc", "a number"), ("num_epochs", "abc", "an integer"),
-                               ("quant.monitor", "yes", "True or False"), ("quant.act_param_init", "3", "a dict")):
+                               ("quant.monitor", "yes", "True or False"), ("quant.act_param_init", "3", "a dict"),
+                               ("optimizer.learning_rate", "True", "a number")):   # was taken as 1.0
     with pytest.raises(cli.UsageError, match=f"{path}={text} is invalid: {expected} is expected$"):
       cli.apply_overrides(config_lib.default_config(), [(path, text)])
   with pytest.raises(cli.UsageError, match="num_epochs is a value, not a section"):
