@@ -12,10 +12,9 @@ TINY = ["--config.dataset.name=synthetic", "--config.model.options.widths=(4,8,8
         "--config.num_epochs=1", "--config.batch_size=32", "--config.bits=(32,2)"]
 
 
-def _launch(*args, **kwargs):
+def _launch(*args):
   return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
-                        timeout=600, cwd=ROOT, **kwargs,
-                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+                        timeout=600, cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
 
 
 def test_launch_trains_with_overrides_and_resumes(tmp_path):
@@ -36,9 +35,9 @@ def test_launch_reports_a_bad_field_and_exits_2(tmp_path):
   assert not (tmp_path / "config.json").exists()
 
 
-def _quick(*args, **kwargs):
+def _quick(*args):
   """launch.py on a tiny synthetic config: errors must come before any compute."""
-  return _launch("--config", "quickstart", *TINY, *args, **kwargs)
+  return _launch("--config", "quickstart", *TINY, *args)
 
 
 def test_a_mistyped_field_on_the_command_line_is_one_line_with_a_suggestion(tmp_path):
@@ -141,14 +140,14 @@ def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
 def test_a_write_that_fails_on_disk_is_one_line_naming_its_checkpoint(tmp_path):
   """Reported defect: a full disk printed Orbax's tracebacks (about 300 lines) before the
   error, and the error named the next save's step, not the one whose write failed. A
-  per-file size limit makes every checkpoint write fail the way a full disk does."""
-  import resource
-  import signal
-
-  def limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # the write fails (EFBIG) instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-  out = _quick("--workdir", str(tmp_path), "--config.checkpoint_every_steps=1", preexec_fn=limit_file_size)
+  per-file size limit (20 KiB, set by the shell: no Python runs between fork and exec)
+  makes every checkpoint write fail the way a full disk does; with SIGXFSZ ignored the
+  write fails (EFBIG) instead of killing the process."""
+  args = [sys.executable, str(ROOT / "launch.py"), "--config", "quickstart", *TINY, "--workdir", str(tmp_path),
+          "--config.checkpoint_every_steps=1"]
+  out = subprocess.run(["/bin/bash", "-c", 'trap "" XFSZ; ulimit -f 20; exec "$@"', "bash", *args],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
   assert out.returncode == 2, out.stderr
   assert "Traceback" not in out.stderr and "ERROR:absl" not in out.stderr, out.stderr
   last = out.stderr.strip().splitlines()[-1]
