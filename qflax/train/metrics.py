@@ -7,10 +7,12 @@ TensorBoard event files through ``tensorboardX`` (no TensorFlow needed); TensorB
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -43,16 +45,78 @@ def _truncate_jsonl(path: str, resume_step: int) -> int:
   return len(lines) - len(kept)
 
 
-def _summary_writer(logdir: str, purge_step: int | None):
-  """A tensorboardX ``SummaryWriter``, or ``None`` (with a warning) when tensorboardX is not installed."""
+@contextlib.contextmanager
+def _naming(path: str):
+  """Re-raises an ``OSError`` with ``path`` as its file name (a full disk's error does not name the file)."""
   try:
-    from tensorboardX import SummaryWriter
+    yield
+  except OSError as e:
+    raise OSError(e.errno, e.strerror, path) from None
+
+
+class _EventFile:
+  """One TensorBoard event file, written synchronously.
+
+  tensorboardX's ``SummaryWriter`` writes from a thread and flushes again at exit, so a write that fails
+  (a full disk) surfaces as tracebacks from that thread and from ``atexit`` after the run has stopped.
+  Here every write and flush happens in the caller and raises there, naming the file.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX import summary
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.record_writer import RecordWriter
+    self._event, self._summary = Event, summary
+    os.makedirs(logdir, exist_ok=True)
+    # Nanoseconds in the name keep files of one host and second distinct and in creation order.
+    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+                                     f".{time.time_ns()}.{os.getpid()}")
+    with _naming(self.path):
+      self._records = RecordWriter(self.path)
+    self._add(Event(file_version="brain.Event:2"))
+    if purge_step is not None:   # TensorBoard drops the events of earlier files with a step >= purge_step
+      self._add(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+    self.flush()
+
+  def _add(self, event):
+    event.wall_time = time.time()
+    with _naming(self.path):
+      self._records.write(event.SerializeToString())
+
+  def _add_summary(self, summary, step: int):
+    self._add(self._event(summary=summary, step=int(step)))
+
+  def scalar(self, tag: str, value: float, step: int):
+    self._add_summary(self._summary.scalar(tag, value), step)
+
+  def histogram(self, tag: str, values: np.ndarray, step: int):
+    self._add_summary(self._summary.histogram(tag, values, bins="auto"), step)
+
+  def text(self, tag: str, string: str, step: int):
+    self._add_summary(self._summary.text(tag, string), step)
+
+  def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float], step: int):
+    for summary in self._summary.hparams(hparams, metrics):
+      self._add_summary(summary, step)
+
+  def flush(self):
+    with _naming(self.path):
+      self._records.flush()
+
+  def close(self):
+    with _naming(self.path):
+      self._records.close()   # closes the file even when its last flush fails
+
+
+def _event_file(logdir: str, purge_step: int | None) -> _EventFile | None:
+  """An :class:`_EventFile`, or ``None`` (with a warning) when tensorboardX is not installed."""
+  try:
+    import tensorboardX  # noqa: F401
   except ImportError:
     warnings.warn("tensorboardX is not installed: no TensorBoard logs (metrics.jsonl is still written); "
                   "pip install tensorboardX", stacklevel=3)
     return None
-  # Nanoseconds in the name keep files of one host and second distinct and in creation order.
-  return SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+  return _EventFile(logdir, purge_step)
 
 
 def _hparam_value(value):
@@ -77,20 +141,17 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.dropped = _truncate_jsonl(self.path, resume_step) if resume_step is not None else 0
     self._file = open(self.path, "a")
-    self._tb = _summary_writer(os.path.join(workdir, "tensorboard"),
-                               None if resume_step is None else resume_step + 1)
+    self._tb = _event_file(os.path.join(workdir, "tensorboard"), None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, split: str, values: Mapping[str, float], **context):
     """One JSONL record ``{step, split, **context, **values}``; each value also as scalar ``split/name``."""
     record = {"step": step, "split": split, **context, **{k: float(v) for k, v in values.items()}}
-    try:
+    with _naming(self.path):
       self._file.write(json.dumps(record) + "\n")
       self._file.flush()
-    except OSError as e:      # a full disk: name the file (the error itself does not)
-      raise OSError(e.errno, e.strerror, self.path) from None
     if self._tb is not None:
       for k, v in values.items():
-        self._tb.add_scalar(f"{split}/{k}", float(v), step)
+        self._tb.scalar(f"{split}/{k}", float(v), step)
       self._tb.flush()
 
   def histograms(self, step: int, arrays: Mapping[str, object]):
@@ -101,13 +162,13 @@ class MetricsLog:
       values = np.asarray(array, np.float64).ravel()
       values = values[np.isfinite(values)]
       if values.size:
-        self._tb.add_histogram(tag, values, step)
+        self._tb.histogram(tag, values, step)
     self._tb.flush()
 
   def text(self, tag: str, string: str, step: int = 0):
     """A TensorBoard text entry (Markdown), shown under ``tag`` in the Text tab."""
     if self._tb is not None:
-      self._tb.add_text(tag, string, step)
+      self._tb.text(tag, string, step)
       self._tb.flush()
 
   def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float], step: int | None = None):
@@ -118,21 +179,18 @@ class MetricsLog:
     """
     if self._tb is None:
       return
-    from tensorboardX.summary import hparams as hparams_summary
     hparams = {k: _hparam_value(v) for k, v in hparams.items()}
     metrics = {k: float(v) for k, v in metrics.items()}
-    writer = self._tb.file_writer   # this run's file, not the subdirectory add_hparams would make
-    for summary in hparams_summary(hparams, metrics):
-      writer.add_summary(summary, step)
+    self._tb.hparams(hparams, metrics, step or 0)
     for tag, value in metrics.items():
-      self._tb.add_scalar(tag, value, step)
+      self._tb.scalar(tag, value, step or 0)
     self._tb.flush()
 
   def close(self):
+    """Closes ``metrics.jsonl`` and the event file, both even when one fails (the first failure is raised)."""
     try:
-      self._file.close()      # flushes what a failed write left in the buffer: fails again on a full disk
-    except OSError as e:
-      raise OSError(e.errno, e.strerror, self.path) from None
+      with _naming(self.path):
+        self._file.close()    # flushes what a failed write left in the buffer: fails again on a full disk
     finally:
       if self._tb is not None:
         self._tb.close()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from qflax.train import metrics as metrics_lib
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("tensorboardX")
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _jsonl(workdir):
@@ -75,6 +80,33 @@ def test_resume_without_a_log_and_without_later_rows(tmp_path):
   assert metrics_lib.MetricsLog(str(tmp_path), resume_step=1).dropped == 0
   assert (tmp_path / "metrics.jsonl").stat().st_mtime_ns == before   # nothing to drop: not rewritten
 
+
+
+_FILL_THE_EVENT_FILE = """
+import sys
+from qflax.train.metrics import MetricsLog
+log = MetricsLog(sys.argv[1])
+log.write(1, "train", {"loss": 1.0})
+try:
+  log.text("config", "x" * 100_000)
+except OSError as e:
+  print(e)
+log.close()
+"""
+
+
+def test_a_failed_tensorboard_write_is_raised_in_the_caller_naming_its_file(tmp_path):
+  """tensorboardX's writer thread and its atexit flush printed tracebacks after the run had stopped, and
+  the error named no file. A per-file size limit (20 KiB) that the event file passes and metrics.jsonl
+  does not stands in for a full disk."""
+  out = subprocess.run(["/bin/bash", "-c", 'trap "" XFSZ; ulimit -f 20; exec "$@"', "bash",
+                        sys.executable, "-c", _FILL_THE_EVENT_FILE, str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert out.returncode == 0 and "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
+  (event_file,) = os.listdir(tmp_path / "tensorboard")
+  assert out.stdout.strip() == f"[Errno 27] File too large: '{tmp_path / 'tensorboard' / event_file}'"
+  assert [r["step"] for r in _jsonl(tmp_path)] == [1]
 
 class _FakeTty(io.StringIO):
   def isatty(self):
