@@ -223,11 +223,16 @@ def test_9_disk_full_is_one_line_and_keeps_the_earlier_checkpoints(tiny_config, 
       raise OSError(28, "No space left on device")
     saved.append(step)
     return original(self, step, *args, **kwargs)
+  closed = []
+  original_close = checkpoint_lib.ocp.CheckpointManager.close
   monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "save", save)
-  with pytest.raises(train.CheckpointError, match="No space left on device"):
+  monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "close",
+                      lambda self: closed.append(1) or original_close(self))
+  with pytest.raises(train.CheckpointError, match=r"checkpoints/3 \(No space left on device\)"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   monkeypatch.undo()
   assert _steps(tmp_path) == [1, 2] and saved == [1, 2]
+  assert closed == [1]   # the manager whose save failed is still closed
 
 
 def test_9_a_failed_background_write_is_named_by_its_own_step(tmp_path, monkeypatch):
