@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import urllib.parse
 import urllib.request
@@ -143,14 +145,23 @@ class _DropTfdsProbeWarnings(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_tfds_probe():
-  """Silences only the probe warning above, on the ``absl`` logger TFDS logs to, for the ``with`` body."""
+def _tfds_probe():
+  """A TFDS lookup, kept quiet and tidy for the ``with`` body.
+
+  Drops only the probe warning above (on the ``absl`` logger TFDS logs to). TFDS makes a temporary
+  directory for the metadata it looks for online and, offline, leaves it behind empty: one in the
+  system's temp directory per lookup, two per run. Here they go into a scratch directory removed after.
+  """
   logger, dropper = logging.getLogger("absl"), _DropTfdsProbeWarnings()
+  scratch = tempfile.mkdtemp(prefix="qflax-tfds-")
+  previous, tempfile.tempdir = tempfile.tempdir, scratch
   logger.addFilter(dropper)
   try:
     yield
   finally:
     logger.removeFilter(dropper)
+    tempfile.tempdir = previous
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def network_problem(host: tuple[str, int] = DOWNLOAD_HOST, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
@@ -187,7 +198,7 @@ def _tfds_root(tfds, data_dir: str | None) -> str:
 def _prepared_dir(tfds, name: str, data_dir: str | None) -> tuple[bool, str]:
   """Whether TFDS finds ``name`` prepared, and the variant directory it looked in."""
   try:
-    with _quiet_tfds_probe():
+    with _tfds_probe():
       builder = tfds.builder(name, data_dir=data_dir)
       return bool(builder.is_prepared()), str(builder.data_dir)
   except Exception:  # noqa: BLE001 - the caller reports the original failure
@@ -201,12 +212,12 @@ def _prepare_hint(name: str, root: str) -> str:
 
 
 def _read_prepared(tfds, name: str, splits, data_dir: str | None) -> dict:
-  with _quiet_tfds_probe():
+  with _tfds_probe():
     return {split: tfds.data_source(name, split=split, data_dir=data_dir, download=False) for split in splits}
 
 
 def _download(tfds, name: str, splits, data_dir: str | None) -> dict:
-  with _quiet_tfds_probe():
+  with _tfds_probe():
     return {split: tfds.data_source(name, split=split, data_dir=data_dir, download=True) for split in splits}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -83,6 +84,20 @@ def test_fashion_mnist_resolution_order(tmp_path, monkeypatch):
     ds = data.load_dataset("fashion_mnist", data_dir=empty_tfds, idx_dir=str(cfg_dir), download=False)
   assert ds.source == "tfds:fashion_mnist" and ds.train.images.shape == (6, 28, 28, 1)
 
+
+
+def test_looking_for_prepared_tfds_data_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):
+  """Reported: every run left two empty ``tmp*tfds`` directories in /tmp (TFDS looks for the dataset's
+  metadata online and, offline, does not remove the directory it made for it)."""
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  idx_dir = tmp_path / "idx"
+  idx_dir.mkdir()
+  _write_tiny_idx(idx_dir)
+  ds = data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(idx_dir), download=False)
+  assert ds.source == f"idx:{idx_dir}"
+  assert os.listdir(temp) == [] and tempfile.gettempdir() == str(temp)
 
 def test_tfds_source_under_mock_data():
   with tfds.testing.mock_data(num_examples=10):
