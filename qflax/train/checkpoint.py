@@ -86,7 +86,7 @@ def check_start(start: Start) -> None:
   wanted = json.loads(json.dumps(start.model.options))
   if saved["model"].get("options", {}) != wanted:
     fail(f"its model options {saved['model'].get('options')} differ from {wanted}")
-  with Checkpoints(start.workdir) as source:
+  with Checkpoints(start.workdir, read_only=True) as source:
     latest = source.latest_step()
   if latest is None:
     fail(f"{os.path.join(start.workdir, 'checkpoints')} holds no checkpoint")
@@ -94,7 +94,7 @@ def check_start(start: Start) -> None:
 
 def latest_arrays(workdir: str) -> tuple[Any, dict]:
   """The newest checkpoint of ``workdir`` as plain arrays: ``(state tree, meta)``."""
-  with Checkpoints(workdir) as source:
+  with Checkpoints(workdir, read_only=True) as source:
     return source.restore_arrays()
 
 
@@ -191,11 +191,15 @@ class Checkpoints:
   :meth:`restore` verifies it and, when the newest checkpoint is damaged, moves it to
   ``checkpoints/damaged/`` and falls back to the previous good one. Nothing is written
   before the first save.
+
+  ``read_only=True`` is for readers of a run that may still be training (evaluate, export, a
+  start checkpoint): nothing in the directory is created, cleaned up, moved or saved, so the
+  partial write of a live run is left alone, and a damaged checkpoint is skipped in place.
   """
 
-  def __init__(self, workdir: str, *, keep: int = 2, warn=print):
+  def __init__(self, workdir: str, *, keep: int = 2, warn=print, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.keep, self.warn = keep, warn
+    self.keep, self.warn, self.read_only = keep, warn, read_only
     self._manager = None
     self._writing = None       # the step of the last save, which may still be writing in the background
 
@@ -207,7 +211,10 @@ class Checkpoints:
 
   @property
   def manager(self) -> ocp.CheckpointManager:
-    if self._manager is None:
+    if self._manager is None and self.read_only:
+      self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False))
+    elif self._manager is None:
       policy = cm.AnyPreservationPolicy([cm.LatestN(self.keep), cm.BestN(
           get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False)])
       self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
@@ -227,6 +234,8 @@ class Checkpoints:
   def save(self, step: int, state: Any, meta: dict, *, accuracy: float | None = None):
     """Saves ``state`` and ``meta`` (with the state's digest) as ``step``; ``accuracy``
     (an evaluation's mean) makes it a candidate for the best checkpoint."""
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only")
     if step in self.steps():
       return
     meta = {**meta, "digest": state_digest(state)}
@@ -257,8 +266,8 @@ class Checkpoints:
   def restore_latest_good(self, target_for) -> tuple[int, Any, dict]:
     """The newest checkpoint that verifies, restored into ``target_for(step)``:
     ``(step, state, meta)``. Damaged newer ones
-    are moved to ``checkpoints/damaged/<step>`` (kept, never deleted) with a warning;
-    if none verifies, :class:`CheckpointError`."""
+    are moved to ``checkpoints/damaged/<step>`` (kept, never deleted; left in place when read-only)
+    with a warning; if none verifies, :class:`CheckpointError`."""
     errors = []
     for step in reversed(self.steps()):
       try:
@@ -266,25 +275,23 @@ class Checkpoints:
       except CheckpointError as e:
         errors.append(e)
         continue
-      for e, moved_to in zip(errors, self._quarantine(errors)):
-        self.warn(f"warning: {e.damage}; moved to {moved_to}, using step {step} instead")
+      for e in errors:
+        where = "left in place (read-only)" if self.read_only else f"moved to {self._quarantine(e.step)}"
+        self.warn(f"warning: {e.damage}; {where}, using step {step} instead")
+      if errors and not self.read_only:
+        self._manager.reload()
       return step, state, meta
     if errors:
       raise errors[0]
     raise CheckpointError(f"no checkpoint in {self.directory}")
 
-  def _quarantine(self, errors) -> list[str]:
-    """Moves the damaged checkpoints to ``checkpoints/damaged/``; returns where each went."""
-    moved = []
-    for e in errors:
-      target = os.path.join(self.directory, "damaged", str(e.step))
-      target = target if not os.path.exists(target) else f"{target}.{os.getpid()}"
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(e.step)), target)
-      moved.append(target)
-    if errors:
-      self._manager.reload()
-    return moved
+  def _quarantine(self, step: int) -> str:
+    """Moves a damaged checkpoint to ``checkpoints/damaged/``; returns where it went."""
+    target = os.path.join(self.directory, "damaged", str(step))
+    target = target if not os.path.exists(target) else f"{target}.{os.getpid()}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.join(self.directory, str(step)), target)
+    return target
 
   def _restore(self, step, state_args) -> tuple[Any, dict]:
     step = self.latest_step() if step is None else step

@@ -116,7 +116,7 @@ def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
   except (KeyError, TypeError, ValueError):
     raise CheckpointError(f"{workdir}/{TASK_FILE} is damaged (fields missing or of the wrong type)") from None
   method = methods.get_method(settings.method_name)(settings.method, task)
-  with Checkpoints(workdir) as ckpt:
+  with Checkpoints(workdir, read_only=True) as ckpt:
     starts = np.cumsum([0] + [p.num_epochs * task.steps_per_epoch for p in method.phases])
     fresh = jax.eval_shape(method.init_state, jax.random.key(0))
 

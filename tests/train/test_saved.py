@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -138,3 +141,21 @@ def test_a_workdir_that_holds_no_run_is_refused(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(train.CheckpointError, match="not JSON"):
     saved.load(str(tmp_path))
+
+
+def test_loading_a_run_that_may_still_be_training_changes_nothing_in_it(runs, tmp_path, capsys):
+  """Reported defect: --mode=evaluate/export deleted the partial checkpoint a live run was writing
+  (Orbax's tmp-directory clean-up) and moved damaged checkpoints away under it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["qat"][0], workdir)
+  checkpoints = workdir / "checkpoints"
+  latest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  (checkpoints / f"{latest + 1}.orbax-checkpoint-tmp-1234567" / "state").mkdir(parents=True)
+  for root, _, files in os.walk(checkpoints / str(latest) / "state"):
+    for name in files:
+      (pathlib.Path(root) / name).write_bytes(b"\0garbage")
+  before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+  run = saved.load(str(workdir))
+  assert run.step < latest
+  assert f"checkpoint {checkpoints / str(latest)}" in capsys.readouterr().out
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
