@@ -285,6 +285,18 @@ def _tfds_splits(name: str, data_dir: str | None, download: bool):
   return read(sources["train"]), read(sources["test"]), num_classes
 
 
+def _check_labels(name: str, train: Split, test: Split, num_classes: int):
+  """At least two classes, and every label one of them (``0 .. num_classes - 1``)."""
+  if num_classes < 2:
+    raise DataUnavailableError(f"dataset {name!r}: its training labels name {num_classes} class; "
+                               "a classifier needs at least 2")
+  for split, labels in (("training", train.labels), ("test", test.labels)):
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+      raise DataUnavailableError(f"dataset {name!r}: {outside.size} {split} labels (e.g. {int(outside[0])}) are "
+                                 f"outside the {num_classes} classes 0..{num_classes - 1} the training split defines")
+
+
 def _info_for(name, train: Split, num_classes=None) -> DatasetInfo:
   if name in KNOWN:
     return KNOWN[name]
@@ -433,6 +445,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, idx_dir: str | None 
     info = _info_for(tfds_name, train, num_classes)
   else:
     raise ValueError(f"dataset {name!r} is unknown; allowed: {dataset_names()}")
+  _check_labels(name, train, test, info.num_classes)
   train = _shard(_limit(train, train_limit), shard_index, num_shards)
   test = _shard(_limit(test, eval_limit), shard_index, num_shards)
   return Dataset(name, source, train, test, info)

@@ -171,3 +171,22 @@ def test_imagenette_is_streamed_under_its_bare_name():
   with tfds.testing.mock_data(num_examples=3):
     stream = data.open_stream("imagenette")
   assert stream.source == "tfds:imagenette" and len(stream.train) == 3 and stream.info.num_classes == 10
+
+
+def _idx_dataset(directory, train_labels, test_labels):
+  for stem, labels in (("train", train_labels), ("t10k", test_labels)):
+    labels = np.asarray(labels, np.uint8)
+    data.write_idx(directory / f"{stem}-images-idx3-ubyte", np.zeros((labels.size, 28, 28), np.uint8))
+    data.write_idx(directory / f"{stem}-labels-idx1-ubyte", labels)
+  return f"idx:{directory}"
+
+
+@pytest.mark.parametrize("train_labels,test_labels,match", [
+    ([0] * 6, [0] * 3, "name 1 class; a classifier needs at least 2"),
+    ([0, 1, 2] * 2, [1, 11, 12], r"2 test labels \(e.g. 11\) are outside the 3 classes 0..2"),
+])
+def test_labels_that_no_classifier_can_learn_are_refused(tmp_path, train_labels, test_labels, match):
+  """Reported: one class trained a 1-class model that reported 100 %, and test labels outside the
+  training classes gave 0 %, both with exit code 0."""
+  with pytest.raises(data.DataUnavailableError, match=match):
+    data.load_dataset(_idx_dataset(tmp_path, train_labels, test_labels))
