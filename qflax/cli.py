@@ -123,7 +123,8 @@ def describe() -> str:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="qflax-train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="quickstart", help="config file or shipped recipe name")
+  parser.add_argument("--config", default=None, help="config file or shipped recipe name (default: quickstart; "
+                      "training only: evaluate and export read the run's own config)")
   parser.add_argument("--workdir", default=None, help="where checkpoints, logs and results go "
                       "(default: runs/<config name>)")
   parser.add_argument("--mode", default="train", choices=("train", "evaluate", "export"),
@@ -155,6 +156,20 @@ def parse(argv: list[str]):
   return args, overrides
 
 
+def _check_usage(args, overrides):
+  """Refuses what a mode would silently ignore."""
+  if args.list and (overrides or args.config or args.workdir):
+    raise UsageError("--list takes no --config, --workdir or --config.* overrides")
+  if args.workdir == "":
+    raise UsageError("--workdir is empty")
+  if args.mode != "train" and args.config is not None:
+    raise UsageError(f"--mode={args.mode} reads the run's own config from --workdir; leave out --config")
+  if args.mode == "export" and overrides:
+    raise UsageError(f"--mode=export takes no --config.* overrides, not {[k for k, _ in overrides]}")
+  if args.mode == "evaluate" and (bad := [k for k, _ in overrides if not k.startswith("dataset.")]):
+    raise UsageError(f"--mode=evaluate takes only --config.dataset.* overrides, not {bad}")
+
+
 def _workdir(args, must_exist: bool = False) -> str:
   if must_exist and not args.workdir:
     raise UsageError(f"--mode={args.mode} needs --workdir (a run's directory)")
@@ -178,9 +193,6 @@ def _after_training(mode: str, workdir: str, overrides) -> int:
     manifest = saved.export(run)
     print(f"exported {', '.join(manifest['files'])} and {manifest['stablehlo']['file']} to {workdir}/export")
     return 0
-  bad = [k for k, _ in overrides if not k.startswith("dataset.")]
-  if bad:
-    raise UsageError(f"--mode=evaluate takes only --config.dataset.* overrides, not {bad}")
   apply_overrides(run.config, overrides)
   dataset = config_lib.load(run.config).loop.dataset
   accuracies = saved.evaluate(run, dataset)
@@ -220,6 +232,8 @@ def run(argv: list[str]) -> int:
   """The command; returns the exit code."""
   from absl import logging
   args, overrides = parse(argv)
+  _check_usage(args, overrides)
+  args.config = args.config or "quickstart"
   if args.list:
     print(describe())
     return 0
@@ -228,9 +242,14 @@ def run(argv: list[str]) -> int:
   configure_cpu_thread_pools()             # before the CPU backend starts: fake devices need room
   if args.distributed:
     import jax
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:   # e.g. no coordinator address on a single host
+      cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UsageError(f"--distributed: jax.distributed.initialize() failed: {cause}") from None
   from qflax import data, train
-  reported = (train.ConfigError, data.DataUnavailableError, train.CheckpointError, train.NonFiniteLossError)
+  reported = (train.ConfigError, data.DataUnavailableError, data.IdxFormatError, train.CheckpointError,
+              train.NonFiniteLossError)
   workdir = _workdir(args, must_exist=args.mode != "train")
   try:
     if args.mode != "train":
@@ -252,10 +271,7 @@ def run(argv: list[str]) -> int:
 
 def _training_config(args, overrides):
   from qflax import train
-  try:
-    config = train.load_config_file(resolve_config(args.config))
-  except (SyntaxError, AttributeError, ImportError) as e:
-    raise UsageError(f"config {args.config} could not be loaded: {type(e).__name__}: {e}") from None
+  config = train.load_config_file(resolve_config(args.config))
   apply_overrides(config, overrides)
   if args.distributed:
     with config.unlocked() if hasattr(config, "unlocked") else _nothing():

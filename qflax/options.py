@@ -482,7 +482,7 @@ class RunSettings(Settings):
   """The config fields every method reads (the loop reads more, see ``qflax.train.config``)."""
   bits: tuple = precisions((4,), doc="bit-widths trained and evaluated")
   num_epochs: int = integer(200, 1, doc="total epochs (phased methods split them)")
-  seed: int = integer(0, doc="one seed for initialisation, data order and sampling")
+  seed: int = integer(0, 0, 2**32 - 1, doc="one seed for initialisation, data order and sampling")
   compute_dtype: str = choice("float32", qnn.COMPUTE_DTYPES,
                               doc="convolutions and activations (bfloat16: on the integer codes up to 8 bits); "
                                   "parameters, optimizer state and BatchNorm statistics stay float32")

@@ -87,6 +87,7 @@ def test_evaluate_and_export_modes(tmp_path):
   assert _quick("--workdir", str(workdir)).returncode == 0
   out = _launch("--mode=evaluate", "--workdir", str(workdir))
   assert out.returncode == 0, out.stderr
+  assert "WARNING" not in out.stderr, out.stderr     # the checkpoints are opened read-only, quietly
   evaluation = json.loads((workdir / "evaluation.json").read_text())["accuracy"]
   results = json.loads((workdir / "results.json").read_text())
   assert evaluation == {v["name"]: v["accuracy"] for v in results["variants"]}
@@ -188,3 +189,62 @@ def test_a_failed_write_of_metrics_is_one_line(tmp_path, monkeypatch, capsys):
   assert cli.run(["--config", "quickstart", *TINY, "--workdir", str(tmp_path)]) == 2
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       f"error: No space left on device ({tmp_path}/metrics.jsonl); the checkpoints written so far are kept")
+
+
+def _main(argv, capsys):
+  """``launch.py`` in this process: ``(exit code, stderr)``."""
+  import pytest
+
+  from qflax import cli
+  with pytest.raises(SystemExit) as exited:
+    cli.main(argv)
+  return exited.value.code, capsys.readouterr().err
+
+
+_BROKEN_CONFIGS = {
+    "name_error.py": ("def get_config():\n  return undefined_name\n", "could not be loaded: NameError"),
+    "raises.py": ("def get_config():\n  raise ValueError('boom')\n", "could not be loaded: ValueError: boom"),
+    "not_callable.py": ("get_config = 5\n", "could not be loaded: TypeError"),
+    "returns_none.py": ("def get_config():\n  return None\n", "get_config() returned NoneType"),
+    "returns_dict.py": ("def get_config():\n  return {}\n", "get_config() returned dict"),
+    "no_suffix.txt": ("def get_config():\n  return undefined_name\n", "could not be loaded: NameError"),
+}
+
+
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, capsys):
+  """Reported: only SyntaxError, AttributeError and ImportError were caught (others were tracebacks),
+  and a file without the .py suffix was "not found"."""
+  for name, (text, expected) in _BROKEN_CONFIGS.items():
+    (tmp_path / name).write_text(text)
+    code, err = _main(["--config", str(tmp_path / name), "--workdir", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
+    assert err.startswith(f"error: config file {tmp_path / name}") and expected in err, (name, err)
+  assert not (tmp_path / "run").exists()
+
+
+def test_what_a_mode_would_ignore_is_refused(tmp_path, capsys):
+  """Reported: export ignored --config.* overrides, evaluate ignored --config, --list ignored
+  overrides and an empty --workdir= fell back to runs/<config> (all exit code 0)."""
+  for argv, expected in (
+      (["--mode=export", "--workdir", str(tmp_path), "--config.num_epochs=-5"], "--mode=export takes no --config.*"),
+      (["--mode=evaluate", "--workdir", str(tmp_path), "--config", "quickstart"], "leave out --config"),
+      (["--mode=evaluate", "--workdir", str(tmp_path), "--config.num_epochs=2"], "only --config.dataset.*"),
+      (["--list", "--config.bogus=1"], "--list takes no"),
+      (["--workdir=", "--config", "quickstart"], "--workdir is empty")):
+    code, err = _main(argv, capsys)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_a_damaged_idx_file_is_one_line(tmp_path, capsys):
+  """Reported: the IDX reader's own error (a truncated file here) came as a traceback with exit code 1."""
+  import numpy as np
+
+  from qflax import data
+  for stem, n in (("train", 64), ("t10k", 32)):
+    data.write_idx(tmp_path / f"{stem}-images-idx3-ubyte", np.zeros((n, 8, 8), np.uint8))
+    data.write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 4)
+  images = tmp_path / "train-images-idx3-ubyte"
+  images.write_bytes(images.read_bytes()[:-100])
+  code, err = _main(["--config", "quickstart", *TINY[1:], f"--config.dataset.name=idx:{tmp_path}",
+                     "--workdir", str(tmp_path / "run")], capsys)
+  assert code == 2 and err.startswith(f"error: {images}") and len(err.strip().splitlines()) == 1, err

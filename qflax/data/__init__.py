@@ -13,6 +13,7 @@ from qflax.data.device import augment
 from qflax.data.device import epoch_permutation
 from qflax.data.device import normalize
 from qflax.data.device import to_device
+from qflax.data.idx import IdxFormatError
 from qflax.data.idx import load_idx_split
 from qflax.data.idx import read_idx
 from qflax.data.idx import write_idx

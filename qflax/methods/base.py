@@ -282,12 +282,13 @@ def merge_weights(target, source, what: str = "pretrained run"):
       merged[path] = value
       continue
     if path not in flat_source:
-      raise ValueError(f"the {what} has no {'/'.join(path)}; it was trained with another model")
+      raise options.ConfigError(f"the {what} has no {'/'.join(path)}; it was trained with another model")
     src = np.asarray(flat_source[path])
     shape = tuple(value.shape)
     core = src.shape[1:] if src.ndim >= 2 and src.shape[0] == 1 and path[-1] in ("scale", "bias", "mean", "var") \
         else src.shape
     if len(shape) < len(core) or shape[len(shape) - len(core):] != tuple(core):
-      raise ValueError(f"the {what} has {'/'.join(path)} of shape {src.shape}; this model needs {shape}")
+      raise options.ConfigError(f"the {what} has {'/'.join(path)} of shape {src.shape}; this model needs {shape} "
+                                "(another model, or data with other classes or image shapes)")
     merged[path] = jnp.asarray(np.broadcast_to(src.reshape(core), shape), value.dtype)
   return traverse_util.unflatten_dict(merged)

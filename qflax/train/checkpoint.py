@@ -211,9 +211,9 @@ class Checkpoints:
 
   @property
   def manager(self) -> ocp.CheckpointManager:
-    if self._manager is None and self.read_only:
+    if self._manager is None and self.read_only:   # (Orbax's own read_only logs a warning on every open)
       self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, cleanup_tmp_directories=False))
+          create=False, cleanup_tmp_directories=False))
     elif self._manager is None:
       policy = cm.AnyPreservationPolicy([cm.LatestN(self.keep), cm.BestN(
           get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False)])

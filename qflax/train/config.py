@@ -12,6 +12,7 @@ bad field is one :class:`ConfigError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import importlib.util
 import os
 from typing import NamedTuple
@@ -39,10 +40,15 @@ class SyntheticSettings(Settings):
   section = "dataset.synthetic"
   num_train: int = options.integer(2048, 1)
   num_test: int = options.integer(512, 1)
-  image_size: int = options.integer(32, 1)
+  image_size: int = options.integer(32, 8, doc="at least 8: what the shipped models downsample")
   channels: int = options.integer(3, 1)
   num_classes: int = options.integer(10, 2)
   num_frames: int = options.integer(0, doc="> 0: clips of this many frames")
+
+  def check(self):
+    image_bytes = self.image_size ** 2 * self.channels * max(self.num_frames, 1)
+    if (self.num_train + self.num_test) * image_bytes > data.idx.MAX_IDX_BYTES:
+      self.fail("num_train", f"images of at most {data.idx.MAX_IDX_BYTES >> 30} GiB with num_test (held in memory)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +144,27 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of a Python config file (configs build on each other with this)."""
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  if spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} not found")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """``get_config()`` of a Python config file (configs build on each other with this).
+
+  Raises:
+    ConfigError: the file is missing, fails to run, or has no ``get_config`` returning a ``ConfigDict``.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} not found")
+  name = os.path.splitext(os.path.basename(path))[0]
+  loader = importlib.machinery.SourceFileLoader(name, path)   # whatever the file's suffix
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+  try:
+    loader.exec_module(module)
+    config = module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 - the user's code: name the file and the error
+    raise ConfigError(f"config file {path} could not be loaded: {type(e).__name__}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict")
+  return config
 
 
 def load(config) -> Config:
@@ -153,7 +173,7 @@ def load(config) -> Config:
   Raises:
     ConfigError: naming the first bad or unknown field and the allowed values.
   """
-  if "method" not in config or "name" not in config.method:
+  if not isinstance(config.get("method"), ml_collections.ConfigDict) or "name" not in config.method:
     raise ConfigError("config field method.name is missing; allowed: " + str(methods.method_names()))
   name = config.method.name
   if name not in methods.method_names():

@@ -49,7 +49,7 @@ class SavedRun(NamedTuple):
 
   def index(self, variant) -> int:
     names = [v.name for v in self.variants]
-    if isinstance(variant, int) and 0 <= variant < len(names):
+    if isinstance(variant, (int, np.integer)) and not isinstance(variant, bool) and 0 <= variant < len(names):
       return variant
     if variant not in names:
       raise ValueError(f"variant {variant!r} is not in this run; allowed: {names}")
@@ -66,8 +66,13 @@ class SavedRun(NamedTuple):
     if images.shape[1:] != expected:
       raise ValueError(f"images of shape (batch, {', '.join(map(str, expected))}) expected (what the run was "
                        f"trained on), got {images.shape}")
+    index = self.index(variant)
+    if not images.shape[0]:
+      return jnp.zeros((0, self.method.task.num_classes), jnp.float32)
+    if jnp.issubdtype(images.dtype, jnp.floating) and not bool(jnp.isfinite(images).all()):
+      raise ValueError("images hold NaN or infinite values")
     x = data_lib.normalize(images, self.mean, self.std)
-    return _PREDICT[self.method](self.state, x, jnp.int32(self.index(variant)))
+    return _PREDICT[self.method](self.state, x, jnp.int32(index))
 
 
 _PREDICT = weakref.WeakKeyDictionary()   # one compiled predictor per loaded method
@@ -96,6 +101,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(saved))
 
 
+def _read_task(workdir: str) -> tuple[Task, tuple[float, ...], tuple[float, ...]]:
+  """``task.json``: the run's data shapes and normalisation, each value checked."""
+  task_json = _read_json(os.path.join(workdir, TASK_FILE), "the run's data shapes")
+
+  def damaged(what):
+    return CheckpointError(f"{workdir}/{TASK_FILE} is damaged ({what})")
+  try:
+    task = Task(int(task_json["num_classes"]), tuple(int(d) for d in task_json["input_shape"]),
+                int(task_json["steps_per_epoch"]))
+    mean, std = tuple(float(m) for m in task_json["mean"]), tuple(float(s) for s in task_json["std"])
+  except (KeyError, TypeError, ValueError):
+    raise damaged("fields missing or of the wrong type") from None
+  if task.num_classes < 2 or task.steps_per_epoch < 1:
+    raise damaged(f"num_classes {task.num_classes}, steps_per_epoch {task.steps_per_epoch}")
+  if len(task.input_shape) not in (3, 4) or min(task.input_shape) < 1:
+    raise damaged(f"input_shape {task.input_shape}: (height, width, channels) or (frames, height, width, channels)")
+  channels = task.input_shape[-1]
+  if len(mean) != channels or len(std) != channels or not np.all(np.isfinite(mean + std)) or min(std) <= 0:
+    raise damaged(f"mean {mean} and std {std}: {channels} finite values each, std > 0")
+  return task, mean, std
+
+
 def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
   """The method and state of the run in ``workdir`` at its ``latest`` (or ``best``) checkpoint.
 
@@ -103,18 +130,14 @@ def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
   qflax run, a run with no checkpoint yet, or a damaged one; ``ConfigError`` if its
   config no longer validates.
   """
+  if checkpoint not in ("latest", "best"):
+    raise ValueError(f"checkpoint={checkpoint!r}; allowed: 'latest' or 'best'")
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise CheckpointError(f"{workdir} is not a directory holding a qflax run")
   config = load_config(workdir)
   settings = config_lib.load(config)
-  task_json = _read_json(os.path.join(workdir, TASK_FILE), "the run's data shapes")
-  try:
-    task = Task(int(task_json["num_classes"]), tuple(int(d) for d in task_json["input_shape"]),
-                int(task_json["steps_per_epoch"]))
-    mean, std = tuple(float(m) for m in task_json["mean"]), tuple(float(s) for s in task_json["std"])
-  except (KeyError, TypeError, ValueError):
-    raise CheckpointError(f"{workdir}/{TASK_FILE} is damaged (fields missing or of the wrong type)") from None
+  task, mean, std = _read_task(workdir)
   method = methods.get_method(settings.method_name)(settings.method, task)
   with Checkpoints(workdir, read_only=True) as ckpt:
     starts = np.cumsum([0] + [p.num_epochs * task.steps_per_epoch for p in method.phases])

@@ -79,3 +79,14 @@ def test_methods_without_mixed_precision_refuse_it(tiny_config):
   tiny_config.bits = (32, "w4a8")
   with pytest.raises(options.ConfigError, match="integer bit-widths for this method"):
     build(tiny_config)
+
+
+def test_a_start_run_trained_on_other_data_is_a_config_error():
+  """Reported: a pretrained run with another class count was a ValueError traceback (exit code 1)."""
+  from qflax.methods.base import merge_weights
+  target = {"classifier": {"kernel": jnp.zeros((8, 5)), "bias": jnp.zeros(5)}}
+  source = {"classifier": {"kernel": np.zeros((8, 4)), "bias": np.zeros(4)}}
+  with pytest.raises(options.ConfigError, match=r"classifier/kernel of shape \(8, 4\); this model needs \(8, 5\)"):
+    merge_weights(target, source, "run in method.pretrained_checkpoint='fp1'")
+  with pytest.raises(options.ConfigError, match="has no classifier/bias"):
+    merge_weights(target, {"classifier": {"kernel": np.zeros((8, 5))}})

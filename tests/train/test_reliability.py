@@ -185,7 +185,10 @@ def test_5_unknown_fields_in_a_config_file_are_refused(tmp_path, line):
 
 @pytest.mark.parametrize("field,value", [("model.options", {"widths": ()}),
                                          ("model.options", {"widths": (16, -1, 64)}),
-                                         ("dataset.synthetic.image_size", 0), ("dataset.synthetic.num_classes", 0)])
+                                         ("dataset.synthetic.image_size", 0), ("dataset.synthetic.num_classes", 0),
+                                         # reported: these three were tracebacks during compute
+                                         ("seed", 10**23), ("dataset.synthetic.image_size", 1),
+                                         ("dataset.synthetic.num_train", 10**12)])
 def test_6_bad_model_and_data_options_fail_before_compute(tiny_config, tmp_path, field, value):
   node = tiny_config
   *parents, leaf = field.split(".")

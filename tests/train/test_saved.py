@@ -159,3 +159,40 @@ def test_loading_a_run_that_may_still_be_training_changes_nothing_in_it(runs, tm
   assert run.step < latest
   assert f"checkpoint {checkpoints / str(latest)}" in capsys.readouterr().out
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_classes", 0, "num_classes 0"), ("input_shape", [8, 8], r"input_shape \(8, 8\)"),
+    ("mean", [], r"mean \(\) and std"), ("std", [0.0], "std > 0"), ("mean", ["nan"], r"mean \(nan,\)"),
+    ("steps_per_epoch", 0, "steps_per_epoch 0")])
+def test_a_task_json_with_impossible_values_is_refused(runs, tmp_path, field, value, match):
+  """Reported: an edited task.json gave tracebacks, or (std 0, mean NaN) garbage accuracies with exit code 0."""
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["qat"][0], workdir)
+  task = json.loads((workdir / "task.json").read_text())
+  (workdir / "task.json").write_text(json.dumps({**task, field: value}))
+  with pytest.raises(train.CheckpointError, match=f"task.json is damaged \\(.*{match}"):
+    saved.load(str(workdir))
+
+
+def test_a_config_json_whose_method_is_not_a_section_is_refused(runs, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(runs["qat"][0], workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  (workdir / "config.json").write_text(json.dumps({**config, "method": 5}))
+  with pytest.raises(train.ConfigError, match="method.name is missing"):
+    saved.load(str(workdir))
+
+
+def test_the_python_api_refuses_what_it_would_misread(runs):
+  """Reported: checkpoint="bogus" loaded the latest, True was variant 1, NaN images gave NaN logits and
+  an empty batch raised ZeroDivisionError."""
+  with pytest.raises(ValueError, match="checkpoint='bogus'"):
+    saved.load(runs["qat"][0], checkpoint="bogus")
+  run = saved.load(runs["qat"][0])
+  with pytest.raises(ValueError, match="variant True is not in this run"):
+    run.predict(np.zeros((2, 8, 8, 1), np.uint8), True)
+  with pytest.raises(ValueError, match="NaN"):
+    run.predict(np.full((2, 8, 8, 1), np.nan, np.float32), 0)
+  assert run.predict(np.zeros((0, 8, 8, 1), np.uint8), 0).shape == (0, run.method.task.num_classes)
+  assert run.predict(np.zeros((2, 8, 8, 1), np.uint8), np.int64(1)).shape == (2, run.method.task.num_classes)
