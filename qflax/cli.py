@@ -174,8 +174,11 @@ def _workdir(args, must_exist: bool = False) -> str:
   if must_exist and not args.workdir:
     raise UsageError(f"--mode={args.mode} needs --workdir (a run's directory)")
   workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UsageError(f"--workdir {workdir} is a file, not a directory")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f"--workdir {workdir}: {existing} is a file, not a directory")
   if must_exist and not os.path.isdir(workdir):
     raise UsageError(f"--workdir {workdir} does not exist")
   return workdir
@@ -263,8 +266,8 @@ def run(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except OSError as e:       # a full disk or a lost mount (the checkpoints say so themselves)
-    print(f"error: {e.strerror or e} ({e.filename or 'in ' + workdir}); the checkpoints written so far are kept",
-          file=sys.stderr)
+    kept = "; the checkpoints written so far are kept" if args.mode == "train" else ""
+    print(f"error: {e.strerror or e} ({e.filename or 'in ' + workdir}){kept}", file=sys.stderr)
     return EXIT_USAGE
   return 0
 

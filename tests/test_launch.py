@@ -1,6 +1,7 @@
 """``launch.py`` as users run it: config file, overrides, errors, resumption."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,11 @@ def test_evaluate_and_export_modes(tmp_path):
   out = _launch("--mode=export", "--workdir", str(workdir))
   assert out.returncode == 0, out.stderr
   assert (workdir / "export" / "model.stablehlo").exists() and (workdir / "export" / "fp32.qfx").exists()
+  shutil.rmtree(workdir / "export")
+  (workdir / "export").write_text("")     # reported: the error spoke of checkpoints being kept
+  out = _launch("--mode=export", "--workdir", str(workdir))
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      f"error: File exists ({workdir / 'export'})"], out.stderr
 
 
 def test_bfloat16_from_the_command_line(tmp_path):
@@ -248,3 +254,12 @@ def test_a_damaged_idx_file_is_one_line(tmp_path, capsys):
   code, err = _main(["--config", "quickstart", *TINY[1:], f"--config.dataset.name=idx:{tmp_path}",
                      "--workdir", str(tmp_path / "run")], capsys)
   assert code == 2 and err.startswith(f"error: {images}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_workdir_inside_a_file_is_refused_before_the_data_loads(tmp_path, capsys):
+  """Reported: ``--workdir <file>/sub`` was "Not a directory ... the checkpoints written so far are
+  kept", after the data had loaded."""
+  (tmp_path / "file").write_text("")
+  code, err = _main(["--config", "quickstart", *TINY, "--workdir", str(tmp_path / "file" / "sub")], capsys)
+  assert code == 2 and err == f"error: --workdir {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, " \
+                              "not a directory\n", err
