@@ -153,6 +153,8 @@ def parse(argv: list[str]):
   args, unknown = parser.parse_known_args(rest)
   if unknown:
     raise UsageError(f"unexpected arguments {unknown}; see --help")
+  _check_usage(args, overrides)
+  args.config = "quickstart" if args.config is None else args.config
   return args, overrides
 
 
@@ -160,8 +162,9 @@ def _check_usage(args, overrides):
   """Refuses what a mode would silently ignore."""
   if args.list and (overrides or args.config or args.workdir):
     raise UsageError("--list takes no --config, --workdir or --config.* overrides")
-  if args.workdir == "":
-    raise UsageError("--workdir is empty")
+  for flag in ("config", "workdir"):
+    if getattr(args, flag) == "":
+      raise UsageError(f"--{flag} is empty")
   if args.mode != "train" and args.config is not None:
     raise UsageError(f"--mode={args.mode} reads the run's own config from --workdir; leave out --config")
   if args.mode == "export" and overrides:
@@ -235,8 +238,6 @@ def run(argv: list[str]) -> int:
   """The command; returns the exit code."""
   from absl import logging
   args, overrides = parse(argv)
-  _check_usage(args, overrides)
-  args.config = args.config or "quickstart"
   if args.list:
     print(describe())
     return 0

@@ -236,7 +236,7 @@ def test_what_a_mode_would_ignore_is_refused(tmp_path, capsys):
       (["--mode=evaluate", "--workdir", str(tmp_path), "--config", "quickstart"], "leave out --config"),
       (["--mode=evaluate", "--workdir", str(tmp_path), "--config.num_epochs=2"], "only --config.dataset.*"),
       (["--list", "--config.bogus=1"], "--list takes no"),
-      (["--workdir=", "--config", "quickstart"], "--workdir is empty")):
+      (["--workdir=", "--config", "quickstart"], "--workdir is empty"), (["--config="], "--config is empty")):
     code, err = _main(argv, capsys)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (argv, err)
 

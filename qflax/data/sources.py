@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import threading
@@ -144,24 +143,36 @@ class _DropTfdsProbeWarnings(logging.Filter):
     return not str(record.msg).startswith("Variant folder ")
 
 
+def _tfds_leftovers() -> set[str]:
+  """The empty ``tmp*tfds`` directories in the system's temp directory."""
+  root = tempfile.gettempdir()
+  try:
+    names = os.listdir(root)
+  except OSError:
+    return set()
+  paths = (os.path.join(root, n) for n in names if n.startswith("tmp") and n.endswith("tfds"))
+  return {p for p in paths if os.path.isdir(p) and not os.listdir(p)}
+
+
 @contextlib.contextmanager
 def _tfds_probe():
   """A TFDS lookup, kept quiet and tidy for the ``with`` body.
 
   Drops only the probe warning above (on the ``absl`` logger TFDS logs to). TFDS makes a temporary
   directory for the metadata it looks for online and, offline, leaves it behind empty: one in the
-  system's temp directory per lookup, two per run. Here they go into a scratch directory removed after.
+  system's temp directory per lookup, two per run. The empty ones the body left are removed
+  (``rmdir`` refuses a directory another thread has since filled).
   """
   logger, dropper = logging.getLogger("absl"), _DropTfdsProbeWarnings()
-  scratch = tempfile.mkdtemp(prefix="qflax-tfds-")
-  previous, tempfile.tempdir = tempfile.tempdir, scratch
+  before = _tfds_leftovers()
   logger.addFilter(dropper)
   try:
     yield
   finally:
     logger.removeFilter(dropper)
-    tempfile.tempdir = previous
-    shutil.rmtree(scratch, ignore_errors=True)
+    for path in _tfds_leftovers() - before:
+      with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def network_problem(host: tuple[str, int] = DOWNLOAD_HOST, timeout: float = NETWORK_TIMEOUT_S) -> str | None:
@@ -286,15 +297,16 @@ def _tfds_splits(name: str, data_dir: str | None, download: bool):
 
 
 def _check_labels(name: str, train: Split, test: Split, num_classes: int):
-  """At least two classes, and every label one of them (``0 .. num_classes - 1``)."""
-  if num_classes < 2:
-    raise DataUnavailableError(f"dataset {name!r}: its training labels name {num_classes} class; "
+  """At least two classes in training, and every label one of the dataset's ``0 .. num_classes - 1``."""
+  present = np.unique(train.labels).size
+  if num_classes < 2 or present < 2:
+    raise DataUnavailableError(f"dataset {name!r}: its training labels name {min(present, num_classes)} class; "
                                "a classifier needs at least 2")
   for split, labels in (("training", train.labels), ("test", test.labels)):
     outside = labels[(labels < 0) | (labels >= num_classes)]
     if outside.size:
       raise DataUnavailableError(f"dataset {name!r}: {outside.size} {split} labels (e.g. {int(outside[0])}) are "
-                                 f"outside the {num_classes} classes 0..{num_classes - 1} the training split defines")
+                                 f"outside its {num_classes} classes 0..{num_classes - 1}")
 
 
 def _info_for(name, train: Split, num_classes=None) -> DatasetInfo:

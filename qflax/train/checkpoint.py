@@ -211,15 +211,16 @@ class Checkpoints:
 
   @property
   def manager(self) -> ocp.CheckpointManager:
-    if self._manager is None and self.read_only:   # (Orbax's own read_only logs a warning on every open)
-      self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-          create=False, cleanup_tmp_directories=False))
-    elif self._manager is None:
-      policy = cm.AnyPreservationPolicy([cm.LatestN(self.keep), cm.BestN(
-          get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False)])
-      self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-          preservation_policy=policy, create=True, cleanup_tmp_directories=True))
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options())
     return self._manager
+
+  def _options(self) -> ocp.CheckpointManagerOptions:
+    if self.read_only:   # creates, cleans and deletes nothing (Orbax's own read_only warns on every open)
+      return ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+    policy = cm.AnyPreservationPolicy([cm.LatestN(self.keep), cm.BestN(
+        get_metric_fn=lambda m: m["accuracy"], n=1, keep_checkpoints_without_metrics=False)])
+    return ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, cleanup_tmp_directories=True)
 
   def exists(self) -> bool:
     return os.path.isdir(self.directory)

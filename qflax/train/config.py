@@ -35,6 +35,9 @@ def _dataset_name(value):
   return value
 
 
+MAX_SYNTHETIC_BYTES = 1 << 33   # synthetic images are made in host memory: refuse what cannot fit
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticSettings(Settings):
   section = "dataset.synthetic"
@@ -47,8 +50,8 @@ class SyntheticSettings(Settings):
 
   def check(self):
     image_bytes = self.image_size ** 2 * self.channels * max(self.num_frames, 1)
-    if (self.num_train + self.num_test) * image_bytes > data.idx.MAX_IDX_BYTES:
-      self.fail("num_train", f"images of at most {data.idx.MAX_IDX_BYTES >> 30} GiB with num_test (held in memory)")
+    if (self.num_train + self.num_test) * image_bytes > MAX_SYNTHETIC_BYTES:
+      self.fail("num_train", f"images of at most {MAX_SYNTHETIC_BYTES >> 30} GiB with num_test (held in memory)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,11 @@ def _naming(path: str):
     raise OSError(e.errno, e.strerror, path) from None
 
 
+# TensorBoard's own bucket edges (tensorboardX's default too): +-1e-12 * 1.1^k up to 1e20, and 0.
+_POSITIVE_EDGES = 1e-12 * 1.1 ** np.arange(int(np.ceil(np.log(1e32) / np.log(1.1))))
+_HISTOGRAM_BINS = np.concatenate([-_POSITIVE_EDGES[::-1], [0.0], _POSITIVE_EDGES])
+
+
 class _EventFile:
   """One TensorBoard event file, written synchronously.
 
@@ -73,10 +78,15 @@ class _EventFile:
                                      f".{time.time_ns()}.{os.getpid()}")
     with _naming(self.path):
       self._records = RecordWriter(self.path)
-    self._add(Event(file_version="brain.Event:2"))
-    if purge_step is not None:   # TensorBoard drops the events of earlier files with a step >= purge_step
-      self._add(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
-    self.flush()
+    try:
+      self._add(Event(file_version="brain.Event:2"))
+      if purge_step is not None:   # TensorBoard drops the events of earlier files with a step >= purge_step
+        self._add(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+      self.flush()
+    except OSError:
+      with contextlib.suppress(OSError):
+        self._records.close()
+      raise
 
   def _add(self, event):
     event.wall_time = time.time()
@@ -90,7 +100,7 @@ class _EventFile:
     self._add_summary(self._summary.scalar(tag, value), step)
 
   def histogram(self, tag: str, values: np.ndarray, step: int):
-    self._add_summary(self._summary.histogram(tag, values, bins="auto"), step)
+    self._add_summary(self._summary.histogram(tag, values, bins=_HISTOGRAM_BINS), step)
 
   def text(self, tag: str, string: str, step: int):
     self._add_summary(self._summary.text(tag, string), step)
@@ -141,7 +151,11 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.dropped = _truncate_jsonl(self.path, resume_step) if resume_step is not None else 0
     self._file = open(self.path, "a")
-    self._tb = _event_file(os.path.join(workdir, "tensorboard"), None if resume_step is None else resume_step + 1)
+    try:
+      self._tb = _event_file(os.path.join(workdir, "tensorboard"), None if resume_step is None else resume_step + 1)
+    except BaseException:
+      self._file.close()
+      raise
 
   def write(self, step: int, split: str, values: Mapping[str, float], **context):
     """One JSONL record ``{step, split, **context, **values}``; each value also as scalar ``split/name``."""
@@ -181,9 +195,10 @@ class MetricsLog:
       return
     hparams = {k: _hparam_value(v) for k, v in hparams.items()}
     metrics = {k: float(v) for k, v in metrics.items()}
-    self._tb.hparams(hparams, metrics, step or 0)
+    step = step or 0
+    self._tb.hparams(hparams, metrics, step)
     for tag, value in metrics.items():
-      self._tb.scalar(tag, value, step or 0)
+      self._tb.scalar(tag, value, step)
     self._tb.flush()
 
   def close(self):
@@ -191,9 +206,13 @@ class MetricsLog:
     try:
       with _naming(self.path):
         self._file.close()    # flushes what a failed write left in the buffer: fails again on a full disk
-    finally:
+    except OSError:
       if self._tb is not None:
-        self._tb.close()
+        with contextlib.suppress(OSError):
+          self._tb.close()
+      raise
+    if self._tb is not None:
+      self._tb.close()
 
 
 # --- Console ------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def _read_task(workdir: str) -> tuple[Task, tuple[float, ...], tuple[float, ...]
 
   def damaged(what):
     return CheckpointError(f"{workdir}/{TASK_FILE} is damaged ({what})")
+
   try:
     task = Task(int(task_json["num_classes"]), tuple(int(d) for d in task_json["input_shape"]),
                 int(task_json["steps_per_epoch"]))

@@ -85,7 +85,6 @@ def test_fashion_mnist_resolution_order(tmp_path, monkeypatch):
   assert ds.source == "tfds:fashion_mnist" and ds.train.images.shape == (6, 28, 28, 1)
 
 
-
 def test_looking_for_prepared_tfds_data_leaves_nothing_in_the_temp_directory(tmp_path, monkeypatch):
   """Reported: every run left two empty ``tmp*tfds`` directories in /tmp (TFDS looks for the dataset's
   metadata online and, offline, does not remove the directory it made for it)."""

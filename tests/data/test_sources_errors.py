@@ -183,7 +183,8 @@ def _idx_dataset(directory, train_labels, test_labels):
 
 @pytest.mark.parametrize("train_labels,test_labels,match", [
     ([0] * 6, [0] * 3, "name 1 class; a classifier needs at least 2"),
-    ([0, 1, 2] * 2, [1, 11, 12], r"2 test labels \(e.g. 11\) are outside the 3 classes 0..2"),
+    ([3] * 6, [3] * 3, "name 1 class; a classifier needs at least 2"),
+    ([0, 1, 2] * 2, [1, 11, 12], r"2 test labels \(e.g. 11\) are outside its 3 classes 0..2"),
 ])
 def test_labels_that_no_classifier_can_learn_are_refused(tmp_path, train_labels, test_labels, match):
   """Reported: one class trained a 1-class model that reported 100 %, and test labels outside the

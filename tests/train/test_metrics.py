@@ -81,7 +81,6 @@ def test_resume_without_a_log_and_without_later_rows(tmp_path):
   assert (tmp_path / "metrics.jsonl").stat().st_mtime_ns == before   # nothing to drop: not rewritten
 
 
-
 _FILL_THE_EVENT_FILE = """
 import sys
 from qflax.train.metrics import MetricsLog
@@ -97,7 +96,7 @@ log.close()
 
 def test_a_failed_tensorboard_write_is_raised_in_the_caller_naming_its_file(tmp_path):
   """tensorboardX's writer thread and its atexit flush printed tracebacks after the run had stopped, and
-  the error named no file. A per-file size limit (20 KiB) that the event file passes and metrics.jsonl
+  the error named no file. A per-file size limit (20 KiB) that the event file exceeds and metrics.jsonl
   does not stands in for a full disk."""
   out = subprocess.run(["/bin/bash", "-c", 'trap "" XFSZ; ulimit -f 20; exec "$@"', "bash",
                         sys.executable, "-c", _FILL_THE_EVENT_FILE, str(tmp_path)],
