@@ -212,11 +212,24 @@ def _after_training(mode: str, workdir: str, overrides) -> int:
 # of lines on a full disk).
 _ORBAX_WRITE_FAILURES = ("_SignalingThread.run() raised an exception", "in background save thread",
                          "Save Finalize thread")
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
 
 
 def _no_orbax_write_failures(record) -> bool:
-  return not (record.levelno >= 40 and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in record.pathname
+  return not (record.levelno >= 40 and _ORBAX_SOURCE in record.pathname
               and any(text in record.getMessage() for text in _ORBAX_WRITE_FAILURES))
+
+
+def _no_unretrieved_orbax_failures(record) -> bool:
+  """asyncio logs every task of a failed write whose error nobody awaited ("Task exception
+  was never retrieved"), when the task is collected: one traceback per array."""
+  traceback = record.exc_info[2] if record.exc_info else None
+  frames = []
+  while traceback is not None:
+    frames.append(traceback.tb_frame.f_code.co_filename)
+    traceback = traceback.tb_next
+  return not (record.levelno >= 40 and "exception was never retrieved" in record.getMessage()
+              and any(_ORBAX_SOURCE in frame for frame in frames))
 
 
 def _no_closed_loop_callbacks(unraisable):
@@ -227,10 +240,13 @@ def _no_closed_loop_callbacks(unraisable):
 
 
 def _quiet_failed_checkpoint_writes():
-  """Keeps what Orbax and TensorStore print about a failed checkpoint write off the console:
-  the checkpoint's save or wait reports the failure in one line."""
+  """Keeps what Orbax, asyncio and TensorStore print about a failed checkpoint write off the
+  console: the checkpoint's save or wait reports the failure in one line."""
+  import logging as std_logging
+
   from absl import logging
   logging.get_absl_logger().addFilter(_no_orbax_write_failures)
+  std_logging.getLogger("asyncio").addFilter(_no_unretrieved_orbax_failures)
   sys.unraisablehook = _no_closed_loop_callbacks
 
 
