@@ -69,13 +69,23 @@ class SavedRun(NamedTuple):
     index = self.index(variant)
     if not images.shape[0]:
       return jnp.zeros((0, self.method.task.num_classes), jnp.float32)
-    if jnp.issubdtype(images.dtype, jnp.floating) and not bool(jnp.isfinite(images).all()):
-      raise ValueError("images hold NaN or infinite values")
+    if not jnp.issubdtype(images.dtype, jnp.integer):
+      low, high = map(float, jax.device_get(_value_range(images)))
+      if not np.isfinite([low, high]).all():    # jnp.min and jnp.max propagate NaN
+        raise ValueError("images hold NaN or infinite values")
+      if not 0 <= low <= high <= 255:
+        raise ValueError(f"images hold values from {low} to {high}; expected pixel values in [0, 255] "
+                         "(uint8, or floats on that scale)")
     x = data_lib.normalize(images, self.mean, self.std)
     return _PREDICT[self.method](self.state, x, jnp.int32(index))
 
 
 _PREDICT = weakref.WeakKeyDictionary()   # one compiled predictor per loaded method
+
+
+@jax.jit
+def _value_range(images):
+  return jnp.min(images), jnp.max(images)
 
 
 def _read_json(path: str, what: str):
@@ -133,6 +143,8 @@ def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
   """
   if checkpoint not in ("latest", "best"):
     raise ValueError(f"checkpoint={checkpoint!r}; allowed: 'latest' or 'best'")
+  if not isinstance(workdir, (str, os.PathLike)):
+    raise TypeError(f"workdir must be a path to a run's directory, got {workdir!r}")
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise CheckpointError(f"{workdir} is not a directory holding a qflax run")
