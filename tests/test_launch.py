@@ -295,6 +295,19 @@ def test_a_damaged_idx_file_is_one_line(tmp_path, capsys):
   assert code == 2 and err.startswith(f"error: {images}") and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_step_directory_beyond_the_run_is_refused_and_the_run_kept(tmp_path, capsys):
+  """Reported: an empty ``checkpoints/99`` (not a checkpoint at all) was called a checkpoint
+  "written by another config"."""
+  argv = ["--config", "quickstart", *TINY, "--workdir", str(tmp_path)]
+  assert _main(argv, capsys)[0] == 0
+  (tmp_path / "checkpoints" / "99").mkdir()
+  code, err = _main(argv, capsys)
+  assert code == 2 and err.strip().splitlines()[-1] == (
+      f"error: {tmp_path}/checkpoints/99 is beyond this run's 2 steps: a checkpoint of another config, or not a "
+      "checkpoint at all; move it away or choose another --workdir"), err
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "99"]
+
+
 def test_a_workdir_inside_a_file_is_refused_before_the_data_loads(tmp_path, capsys):
   """Reported: ``--workdir <file>/sub`` was "Not a directory ... the checkpoints written so far are
   kept", after the data had loaded."""

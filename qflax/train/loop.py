@@ -208,8 +208,8 @@ def initial_state(run: Run, ckpt: Checkpoints) -> tuple[TrainState, dict]:
   latest = ckpt.latest_step()
   if latest is not None:
     if latest > run.total_steps:
-      raise CheckpointError(f"checkpoint {ckpt.directory}/{latest} is beyond this run's {run.total_steps} steps: "
-                            "it was written by another config; choose another --workdir")
+      raise CheckpointError(f"{ckpt.directory}/{latest} is beyond this run's {run.total_steps} steps: a checkpoint "
+                            "of another config, or not a checkpoint at all; move it away or choose another --workdir")
     target_for = lambda step: jax.device_put(method.start_phase(state, run.phase_of(max(step - 1, 0))),
                                              run.replicated)
     _, state, meta = ckpt.restore_latest_good(target_for)
