@@ -222,13 +222,15 @@ def _no_orbax_write_failures(record) -> bool:
 
 def _no_unretrieved_orbax_failures(record) -> bool:
   """asyncio logs every task of a failed write whose error nobody awaited ("Task exception
-  was never retrieved"), when the task is collected: one traceback per array."""
-  traceback = record.exc_info[2] if record.exc_info else None
+  was never retrieved"), when the task is collected: one traceback per array. Only write
+  failures (an OSError, or TensorStore's "Error writing") raised through Orbax are dropped."""
+  _, error, traceback = record.exc_info or (None, None, None)
   frames = []
   while traceback is not None:
     frames.append(traceback.tb_frame.f_code.co_filename)
     traceback = traceback.tb_next
-  return not (record.levelno >= 40 and "exception was never retrieved" in record.getMessage()
+  write_failure = isinstance(error, OSError) or "Error writing" in str(error)
+  return not (record.levelno >= 40 and "exception was never retrieved" in record.getMessage() and write_failure
               and any(_ORBAX_SOURCE in frame for frame in frames))
 
 

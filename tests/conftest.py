@@ -45,6 +45,22 @@ def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(group(item), len(rank)))
 
+@pytest.fixture(autouse=True)
+def _restore_the_launchers_process_hooks():
+  """The launcher, run in process by some tests, quiets failed checkpoint writes for the rest
+  of its process (logging filters, ``sys.unraisablehook``); each test ends with them undone."""
+  import logging
+  import sys
+
+  from absl import logging as absl_logging
+  loggers = (absl_logging.get_absl_logger(), logging.getLogger("asyncio"))
+  filters, hook = [list(logger.filters) for logger in loggers], sys.unraisablehook
+  yield
+  for logger, kept in zip(loggers, filters):
+    logger.filters = kept
+  sys.unraisablehook = hook
+
+
 from qflax.train import default_config  # noqa: E402
 
 

@@ -63,19 +63,21 @@ class SavedRun(NamedTuple):
     if self.method not in _PREDICT:
       _PREDICT[self.method] = jax.jit(self.method.eval_logits)
     images, expected = jnp.asarray(images), tuple(self.method.task.input_shape)
+    if not (jnp.issubdtype(images.dtype, jnp.integer) or jnp.issubdtype(images.dtype, jnp.floating)):
+      raise TypeError(f"images of dtype {images.dtype}; expected uint8, or floats in [0, 255]")
     if images.shape[1:] != expected:
       raise ValueError(f"images of shape (batch, {', '.join(map(str, expected))}) expected (what the run was "
                        f"trained on), got {images.shape}")
     index = self.index(variant)
     if not images.shape[0]:
       return jnp.zeros((0, self.method.task.num_classes), jnp.float32)
-    if not jnp.issubdtype(images.dtype, jnp.integer):
+    if images.dtype != jnp.uint8:
       low, high = map(float, jax.device_get(_value_range(images)))
       if not np.isfinite([low, high]).all():    # jnp.min and jnp.max propagate NaN
         raise ValueError("images hold NaN or infinite values")
       if not 0 <= low <= high <= 255:
         raise ValueError(f"images hold values from {low} to {high}; expected pixel values in [0, 255] "
-                         "(uint8, or floats on that scale)")
+                         "(uint8, or other numbers on that scale)")
     x = data_lib.normalize(images, self.mean, self.std)
     return _PREDICT[self.method](self.state, x, jnp.int32(index))
 
@@ -143,9 +145,9 @@ def load(workdir: str, *, checkpoint: str = "latest") -> SavedRun:
   """
   if checkpoint not in ("latest", "best"):
     raise ValueError(f"checkpoint={checkpoint!r}; allowed: 'latest' or 'best'")
-  if not isinstance(workdir, (str, os.PathLike)):
+  if not isinstance(workdir, (str, bytes, os.PathLike)):
     raise TypeError(f"workdir must be a path to a run's directory, got {workdir!r}")
-  workdir = os.path.abspath(workdir)
+  workdir = os.path.abspath(os.fsdecode(workdir))
   if not os.path.isdir(workdir):
     raise CheckpointError(f"{workdir} is not a directory holding a qflax run")
   config = load_config(workdir)

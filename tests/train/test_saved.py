@@ -187,7 +187,8 @@ def test_a_config_json_whose_method_is_not_a_section_is_refused(runs, tmp_path):
 def test_the_python_api_refuses_what_it_would_misread(runs):
   """Reported: checkpoint="bogus" loaded the latest, True was variant 1, NaN images gave NaN logits and
   an empty batch raised ZeroDivisionError; None as the workdir was a TypeError from os.path; float
-  images off the documented [0, 255] scale (e.g. already normalised) gave confident wrong logits."""
+  or integer images off the documented [0, 255] scale (e.g. already normalised) and bool images gave
+  confident wrong logits."""
   with pytest.raises(TypeError, match="workdir must be a path to a run's directory, got None"):
     saved.load(None)
   with pytest.raises(ValueError, match="checkpoint='bogus'"):
@@ -201,7 +202,14 @@ def test_the_python_api_refuses_what_it_would_misread(runs):
     run.predict(np.concatenate([np.full((1, 8, 8, 1), -1.5), np.zeros((1, 8, 8, 1))]).astype(np.float32), 0)
   with pytest.raises(ValueError, match="NaN or infinite"):
     run.predict(np.full((2, 8, 8, 1), np.inf, np.float32), 0)
+  for out_of_scale in (np.full((2, 8, 8, 1), 1000, np.int32), np.full((2, 8, 8, 1), -1, np.int8)):
+    with pytest.raises(ValueError, match="expected pixel values in"):
+      run.predict(out_of_scale, 0)
+  for not_numbers in (np.ones((2, 8, 8, 1), bool), np.ones((2, 8, 8, 1), np.complex64)):
+    with pytest.raises(TypeError, match=f"images of dtype {not_numbers.dtype}"):
+      run.predict(not_numbers, 0)
   floats = np.linspace(0, 255, 2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
   assert np.isfinite(run.predict(floats, 0)).all()       # the whole documented range is accepted
+  np.testing.assert_allclose(run.predict(floats.astype(np.int32), 0), run.predict(floats.astype(np.uint8), 0))
   assert run.predict(np.zeros((0, 8, 8, 1), np.uint8), 0).shape == (0, run.method.task.num_classes)
   assert run.predict(np.zeros((2, 8, 8, 1), np.uint8), np.int64(1)).shape == (2, run.method.task.num_classes)
