@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import COMPILATION_CACHE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.dataset.name=synthetic", "--config.model.options.widths=(4,8,8)",
         "--config.dataset.synthetic.num_train=64", "--config.dataset.synthetic.num_test=32",
@@ -14,9 +16,13 @@ TINY = ["--config.dataset.name=synthetic", "--config.model.options.widths=(4,8,8
         "--config.num_epochs=1", "--config.batch_size=32", "--config.bits=(32,2)"]
 
 
+# A user's bare environment, and the tests' compilation cache (launches of one tiny config compile once).
+_ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **COMPILATION_CACHE_ENV}
+
+
 def _launch(*args):
   return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
-                        timeout=600, cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                        timeout=600, cwd=ROOT, env=_ENV)
 
 
 def test_launch_trains_with_overrides_and_resumes(tmp_path):
@@ -70,7 +76,7 @@ def test_list_shows_methods_models_datasets_and_fields():
 
 def test_phased_recipes_scale_their_phases_to_num_epochs(tmp_path):
   out = _launch("--config", "qkd_fashion_mnist", "--workdir", str(tmp_path), *TINY[:-1], "--config.bits=(2,)",
-                "--config.num_epochs=4")
+                "--config.num_epochs=4", "--config.method.teacher_options.widths=(4,8,8)", "--config.eval_batch_size=32")
   assert out.returncode == 0, out.stderr
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["epochs"] == 4 and results["phases"] == ["teacher", "self_studying", "co_studying", "tutoring"]
