@@ -59,12 +59,13 @@ class SavedRun(NamedTuple):
     return self.method.network(self.state, self.index(variant))
 
   def predict(self, images, variant) -> jax.Array:
-    """Logits for a batch of images (``uint8``, or floats in ``[0, 255]``) at ``variant``."""
+    """Logits for a batch of images (``uint8``, or other integers or floats in ``[0, 255]``) at
+    ``variant``; values off that scale (e.g. images normalised already) raise ``ValueError``."""
     if self.method not in _PREDICT:
       _PREDICT[self.method] = jax.jit(self.method.eval_logits)
     images, expected = jnp.asarray(images), tuple(self.method.task.input_shape)
     if not (jnp.issubdtype(images.dtype, jnp.integer) or jnp.issubdtype(images.dtype, jnp.floating)):
-      raise TypeError(f"images of dtype {images.dtype}; expected uint8, or floats in [0, 255]")
+      raise TypeError(f"images of dtype {images.dtype}; expected uint8, or other integers or floats in [0, 255]")
     if images.shape[1:] != expected:
       raise ValueError(f"images of shape (batch, {', '.join(map(str, expected))}) expected (what the run was "
                        f"trained on), got {images.shape}")
