@@ -113,3 +113,25 @@ def test_raw_integer_images_are_refused():
     with pytest.raises(TypeError, match=r"normalised as in training .* not uint8 images"):
       fn(im, "w4a4", raw)
   assert export.integer_logits(im, "w4a4", x).shape == (4, im.num_classes)
+
+
+def test_inputs_the_model_cannot_take_are_refused():
+  """Reported defect: NaN and inf inputs gave the logits of zeros, a 9x9 input on an 8x8 model
+  gave logits, other shapes raised Flax's ScopeParamShapeError or a convolution TypeError from deep
+  in the stack, and an empty batch raised ZeroDivisionError."""
+  _, _, _, im = build("convnet-sat-pact-fp")
+  x = np.asarray(inputs(im.input_shape, batch=4, seed=1))
+  height, width, channels = im.input_shape
+  for fn in (export.integer_logits, export.layer_errors):
+    for bad in (np.full_like(x, np.nan), np.where(np.arange(x.size).reshape(x.shape) == 5, np.inf, x)):
+      with pytest.raises(ValueError, match="NaN or infinite"):
+        fn(im, "w4a4", bad)
+    for shape in ((4, height + 1, width + 1, channels), (4, height, width, channels + 2), (height, width, channels),
+                  (4, height * width * channels)):
+      with pytest.raises(ValueError, match=rf"input of shape \(batch, {height}, {width}, {channels}\) expected"):
+        fn(im, "w4a4", np.zeros(shape, np.float32))
+  assert export.integer_logits(im, "w4a4", x[:0]).shape == (0, im.num_classes)
+  with pytest.raises(ValueError, match="at least one input"):
+    export.layer_errors(im, "w4a4", x[:0])
+  with pytest.raises(ValueError, match="w9a9"):
+    export.integer_logits(im, "w9a9", x[:0])

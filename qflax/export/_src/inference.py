@@ -158,26 +158,36 @@ def integer_forward(im: IntegerModel, variant: str):
   return apply_fn, operands
 
 
-def _network_input(x) -> jax.Array:
-  """``x`` if it is the network's float input; raw integer images are refused."""
+def _network_input(im: IntegerModel, x) -> jax.Array:
+  """``x`` if it is a batch of the network's float input: finite, of the model's input shape;
+  raw integer images are refused."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"the integer path takes the network's float input, normalised as in training "
                     f"((images / 255 - mean) / std, with mean and std from the run's export/manifest.json), "
                     f"not {x.dtype} images")
+  if x.shape[1:] != tuple(im.input_shape) or x.ndim != len(im.input_shape) + 1:
+    raise ValueError(f"input of shape (batch, {', '.join(map(str, im.input_shape))}) expected (what the model "
+                     f"was trained on), got {x.shape}")
+  if not bool(jnp.isfinite(x).all()):
+    raise ValueError("the input holds NaN or infinite values")
   return x
 
 
 def integer_logits(im: IntegerModel, variant: str, x) -> jax.Array:
   """The variant's logits computed on the integer path (see the module docstring), for
   ``x`` normalised as in training: ``(images / 255 - mean) / std`` with the run's mean and
-  std (``export/manifest.json``); raw ``uint8`` images raise ``TypeError``.
+  std (``export/manifest.json``); raw ``uint8`` images raise ``TypeError``, another input
+  shape or NaN ``ValueError``.
 
   Example:
     >>> logits = integer_logits(im, "w4a4", (images / 255.0 - mean) / std)
   """
+  x = _network_input(im, x)
   apply_fn, operands = integer_forward(im, variant)
-  return apply_fn(operands, _network_input(x))
+  if not x.shape[0]:
+    return jnp.zeros((0, im.num_classes), jnp.float32)
+  return apply_fn(operands, x)
 
 
 class LayerError(NamedTuple):
@@ -219,7 +229,9 @@ def layer_errors(im: IntegerModel, variant: str, x) -> dict[str, LayerError]:
     >>> errors = layer_errors(im, "w4a4", images)
     >>> assert all(e.bound_ratio <= 1 for e in errors.values())
   """
-  x = _network_input(x)
+  x = _network_input(im, x)
+  if not x.shape[0]:
+    raise ValueError("layer_errors needs at least one input")
   static, kernels = _prepare(im, variant)
   model, variables, plan = rebuild_lib.rebuild(im, variant)
 
