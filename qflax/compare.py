@@ -7,19 +7,23 @@ activation bits, top-1 accuracy, model size) and ``comparison.svg`` (accuracy ag
 one colour per run). As in ``results.md``, a line joins a run's points only when they are one
 switchable network (``"switchable": true``); separate dedicated models get markers only.
 
-A workdir without ``results.json``, or with a damaged one, gets one line naming it (exit code 2) and
-nothing is written. It reads JSON only; nothing is trained or evaluated.
+A workdir without ``results.json``, or with a damaged one, and an ``--out`` that cannot be written
+get one line naming it (exit code 2); nothing is written, and an earlier comparison there is kept
+whole. It reads JSON only; nothing is trained or evaluated.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import math
 import os
 import sys
+import unicodedata
 from xml.sax.saxutils import escape, quoteattr
 
+from qflax._files import write_atomically
 from qflax.train import results as results_lib
 
 EXIT_USAGE = 2
@@ -44,19 +48,32 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value) -> bool:
+  try:
+    return _is_number(value) and math.isfinite(value)
+  except OverflowError:     # an integer beyond any float
+    return False
+
+
+def _is_text(value) -> bool:
+  """A non-empty string that can be written out: no control characters, no lone surrogates."""
+  return isinstance(value, str) and bool(value) and not any(
+      unicodedata.category(c) in ("Cc", "Cs") for c in value)
+
+
 def _check_variant(v, k: int) -> str | None:
   """Why variant ``k`` breaks the schema, or None."""
   if not isinstance(v, dict):
     return f"variants[{k}] is not an object"
-  if not isinstance(v.get("name"), str) or not v["name"]:
-    return f"variants[{k}].name is missing or not a string"
+  if not _is_text(v.get("name")):
+    return f"variants[{k}].name is missing, or not a string without control characters"
   for key in ("w_bits", "a_bits"):
-    if not _is_int(v.get(key)) or v[key] < 1:
-      return f"variants[{k}] ({v['name']}).{key} is missing or not a positive integer"
+    if not _is_int(v.get(key)) or not 1 <= v[key] <= 64:
+      return f"variants[{k}] ({v['name']}).{key} is missing or not an integer in 1..64"
   accuracy = v.get("accuracy")
   if not _is_number(accuracy) or not (math.isnan(accuracy) or 0.0 <= accuracy <= 1.0):
     return f"variants[{k}] ({v['name']}).accuracy is missing or not a fraction in [0, 1] (or NaN)"
-  if not _is_int(v.get("model_bytes")) or v["model_bytes"] < 0:
+  if not _is_int(v.get("model_bytes")) or not 0 <= v["model_bytes"] < 2 ** 63:
     return f"variants[{k}] ({v['name']}).model_bytes is missing or not a non-negative integer"
   return None
 
@@ -66,14 +83,14 @@ def _schema_problem(results) -> str | None:
   if not isinstance(results, dict):
     return "it is not a JSON object"
   for key in ("method", "model", "dataset"):
-    if not isinstance(results.get(key), str):
-      return f"field {key!r} is missing or not a string"
+    if not _is_text(results.get(key)):
+      return f"field {key!r} is missing, or not a string without control characters"
   variants = results.get("variants")
   if not isinstance(variants, list) or not variants:
     return "field 'variants' is missing or empty"
   for key in ("epochs", "train_seconds", "images_per_second"):
-    if results.get(key) is not None and not _is_number(results[key]):
-      return f"field {key!r} is not a number"
+    if results.get(key) is not None and not (_is_finite(results[key]) and results[key] >= 0):
+      return f"field {key!r} is not a finite number >= 0"
   for k, v in enumerate(variants):
     problem = _check_variant(v, k)
     if problem:
@@ -93,7 +110,7 @@ def read_results(workdir: str) -> dict:
       results = json.load(f)
   except FileNotFoundError:
     raise CompareError(f"{workdir}: no {RESULTS_FILE} (the run has not finished, or it is not a qflax run)") from None
-  except (OSError, UnicodeDecodeError, ValueError) as e:
+  except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:   # RecursionError: nesting too deep
     raise CompareError(f"{path} is damaged or not JSON ({type(e).__name__})") from None
   problem = _schema_problem(results)
   if problem:
@@ -103,6 +120,10 @@ def read_results(workdir: str) -> dict:
 
 def run_labels(workdirs: list[str]) -> list[str]:
   """Short unique names: each workdir's last path component, or more components where those repeat."""
+  real = [os.path.realpath(w) for w in workdirs]
+  twice = sorted({w for w, r in zip(workdirs, real) if real.count(r) > 1})
+  if twice:
+    raise CompareError(f"a run is given twice (the same directory under another name): {twice}")
   parts = [os.path.normpath(os.path.abspath(w)).split(os.sep) for w in workdirs]
   for depth in range(1, max(len(p) for p in parts) + 1):
     labels = ["/".join(p[-depth:]) for p in parts]
@@ -115,7 +136,8 @@ def run_labels(workdirs: list[str]) -> list[str]:
 
 
 def _cell(text) -> str:
-  return str(text).replace("|", "\\|")
+  """Text for a markdown table cell: ``|`` escaped, and HTML shown as text rather than rendered."""
+  return html.escape(str(text), quote=False).replace("|", "\\|")
 
 
 def _accuracy(a: float) -> str:
@@ -181,13 +203,14 @@ def compare(workdirs: list[str], out: str) -> list[str]:
   """Writes ``comparison.md`` and ``comparison.svg`` to ``out``; returns their paths.
   Every workdir is read and checked before anything is written."""
   runs = list(zip(run_labels(workdirs), [read_results(w) for w in workdirs]))
-  os.makedirs(out, exist_ok=True)
-  paths = [os.path.join(out, "comparison.md"), os.path.join(out, "comparison.svg")]
-  with open(paths[1], "w", encoding="utf-8") as f:
-    f.write(comparison_svg(runs))
-  with open(paths[0], "w", encoding="utf-8") as f:
-    f.write(comparison_markdown(runs, images=("comparison.svg",)))
-  return paths
+  texts = {"comparison.svg": comparison_svg(runs), "comparison.md": comparison_markdown(runs, ("comparison.svg",))}
+  try:
+    os.makedirs(out, exist_ok=True)
+    for name, text in texts.items():     # each whole or not at all: an earlier comparison is never truncated
+      write_atomically(os.path.join(out, name), text)
+  except OSError as e:
+    raise CompareError(f"--out {out!r}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
+  return [os.path.join(out, "comparison.md"), os.path.join(out, "comparison.svg")]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,12 +14,13 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from typing import Mapping
 
 import numpy as np
+
+from qflax._files import write_atomically
 
 
 def _truncate_jsonl(path: str, resume_step: int) -> int:
@@ -38,10 +39,7 @@ def _truncate_jsonl(path: str, resume_step: int) -> int:
       kept.append(line)
   if len(kept) == len(lines):
     return 0
-  fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".jsonl", dir=os.path.dirname(path) or ".")
-  with os.fdopen(fd, "w") as f:
-    f.write("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  write_atomically(path, "".join(line + "\n" for line in kept))
   return len(lines) - len(kept)
 
 

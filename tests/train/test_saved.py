@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -125,6 +126,9 @@ assert not any(m.startswith('qflax') for m in sys.modules), [m for m in sys.modu
   assert np.isnan(out[0]).all() and np.isnan(out[-1]).all()
   manifest = json.loads((tmp_path / "manifest.json").read_text())
   assert manifest["variants"] == [v.name for v in run.variants]
+  # Reported: nothing let a user tell a damaged artifact (it loads and gives other logits) from a good one.
+  assert manifest["stablehlo"]["sha256"] == hashlib.sha256((tmp_path / "model.stablehlo").read_bytes()).hexdigest()
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temporary file left
 
 
 def test_predict_names_the_image_shape_it_takes(runs):

@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 
+from qflax._files import write_atomically
 from qflax.export._src import manifest as manifest_lib
 from qflax.export._src import structure
 from qflax.export._src.types import ExportFileError, FieldError, IntegerModel
@@ -44,22 +44,7 @@ def save(path, im: IntegerModel) -> int:
   Example:
     >>> n = save("resnet20_w4a4.qfx", im)
   """
-  data = to_bytes(im)
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                             dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return len(data)
+  return write_atomically(path, to_bytes(im), sync=True)
 
 
 def _no_constants(name):

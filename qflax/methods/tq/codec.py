@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import struct
 import zlib
 
@@ -25,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from qflax import quant
+from qflax._files import write_atomically
 from qflax.methods.tq.compress import QuantizedLayer
 
 MAGIC = b"QFTQ"
@@ -323,12 +323,7 @@ def decode(data: bytes) -> tuple[list[QuantizedLayer], dict]:
 
 def save(path: str, layers: list[QuantizedLayer], other_params) -> int:
   """Writes the file (atomically) and returns its size in bytes."""
-  data = encode(layers, other_params)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-  return len(data)
+  return write_atomically(path, encode(layers, other_params))
 
 
 def load(path: str) -> tuple[list[QuantizedLayer], dict]:
