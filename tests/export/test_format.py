@@ -204,3 +204,12 @@ def test_fuzzed_manifests_load_or_raise_export_file_error():
     assert export.to_bytes(export.from_bytes(again)) == again
     outcomes["original" if again == original else "other valid model"] += 1
   assert outcomes["error"] >= 200, outcomes
+
+
+def test_what_is_not_a_file_s_bytes_is_a_type_error():
+  """Reported: ``from_bytes("abc")`` was reported as a truncated file, ``from_bytes(None)`` as a
+  TypeError from ``len``."""
+  for not_bytes in ("QFLAXINT", None, [1, 2]):
+    with pytest.raises(TypeError, match=f"from_bytes takes the file's bytes, not {type(not_bytes).__name__}"):
+      export.from_bytes(not_bytes)
+  _expect_error(bytearray(b"QFLAXINT"), "header")

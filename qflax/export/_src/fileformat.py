@@ -111,6 +111,8 @@ def from_bytes(data, source: str = "<bytes>") -> IntegerModel:
   Nothing is allocated from a header value before it is checked against the file size, and
   no array is read before the manifest has been checked against the model it names.
   """
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"from_bytes takes the file's bytes, not {type(data).__name__}")
   try:
     return _decode(data)
   except FieldError as e:
@@ -123,6 +125,7 @@ def load(path) -> IntegerModel:
   Raises:
     ExportFileError: for a truncated, altered or forged file, with a one-line message naming
       the field (``header``, ``sha256``, ``tensors.t3.length``, ``variants.w4a4.layers...``).
+    OSError: the file cannot be read (``FileNotFoundError``, ``IsADirectoryError``, ...).
 
   Example:
     >>> im = load("resnet20_w4a4.qfx")
