@@ -23,7 +23,7 @@ import sys
 import unicodedata
 from xml.sax.saxutils import escape, quoteattr
 
-from qflax._files import write_atomically
+from qflax._files import write_together
 from qflax.train import results as results_lib
 
 EXIT_USAGE = 2
@@ -145,7 +145,7 @@ def _accuracy(a: float) -> str:
 
 
 def _run_summary(label: str, r: dict) -> str:
-  bits = [f"{r['method']} / {r['model']} / {r['dataset']}"]
+  bits = [f"{_cell(r['method'])} / {_cell(r['model'])} / {_cell(r['dataset'])}"]
   if r.get("epochs") is not None:
     bits.append(f"{r['epochs']:g} epochs")
   if r.get("train_seconds") is not None:
@@ -206,8 +206,7 @@ def compare(workdirs: list[str], out: str) -> list[str]:
   texts = {"comparison.svg": comparison_svg(runs), "comparison.md": comparison_markdown(runs, ("comparison.svg",))}
   try:
     os.makedirs(out, exist_ok=True)
-    for name, text in texts.items():     # each whole or not at all: an earlier comparison is never truncated
-      write_atomically(os.path.join(out, name), text)
+    write_together({os.path.join(out, name): text for name, text in texts.items()})   # an earlier one stays whole
   except OSError as e:
     raise CompareError(f"--out {out!r}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
   return [os.path.join(out, "comparison.md"), os.path.join(out, "comparison.svg")]

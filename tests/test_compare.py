@@ -127,6 +127,7 @@ def test_the_same_run_under_two_names_is_refused(two_runs, tmp_path, capsys):
 
 
 def test_html_in_a_name_is_shown_as_text_in_the_table(tmp_path):
-  run = _run(tmp_path / "r", "qat", [("<script>x</script>", 2, 2, 0.5, 10)])
+  run = _run(tmp_path / "r", "<b>qat</b>", [("<script>x</script>", 2, 2, 0.5, 10)])
   table = compare.comparison_markdown([("r", compare.read_results(run))])
   assert "<script>" not in table and "&lt;script&gt;x&lt;/script&gt;" in table
+  assert "<b>" not in table and "&lt;b&gt;qat&lt;/b&gt; / convnet" in table
