@@ -169,7 +169,11 @@ def _network_input(im: IntegerModel, x) -> jax.Array:
   if x.shape[1:] != tuple(im.input_shape) or x.ndim != len(im.input_shape) + 1:
     raise ValueError(f"input of shape (batch, {', '.join(map(str, im.input_shape))}) expected (what the model "
                      f"was trained on), got {x.shape}")
-  if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):   # traced (jit, vmap): no check
+  try:
+    finite = bool(jnp.isfinite(x).all())
+  except jax.errors.ConcretizationTypeError:     # traced (jit, vmap): not checked
+    finite = True
+  if not finite:
     raise ValueError("the input holds NaN or infinite values")
   return x
 
