@@ -29,7 +29,7 @@ import numpy as np
 
 from qflax import data as data_lib
 from qflax import methods
-from qflax._files import write_atomically
+from qflax._files import write_together
 from qflax.methods.base import Method, Task, TrainState, Variant, VariantNetwork
 from qflax.train import config as config_lib
 from qflax.train import loop as loop_lib
@@ -235,7 +235,6 @@ def export(run: SavedRun, directory: str | None = None) -> dict:
     size = export_lib.save(os.path.join(directory, filename), run.method.integer_model(run.state, group))
     files[filename] = {"variants": names, "bytes": size}
   artifact = stablehlo(run)
-  write_atomically(os.path.join(directory, "model.stablehlo"), artifact)
   manifest = {"variants": [v.name for v in run.variants], "files": files,
               "stablehlo": {"file": "model.stablehlo", "bytes": len(artifact),
                             "sha256": hashlib.sha256(artifact).hexdigest(),
@@ -243,5 +242,6 @@ def export(run: SavedRun, directory: str | None = None) -> dict:
                                        f"int32 variant index (0..{len(run.variants) - 1}; another gives NaN logits)"]},
               "input_shape": list(run.method.task.input_shape), "mean": list(run.mean), "std": list(run.std),
               "step": run.step}
-  write_atomically(os.path.join(directory, "manifest.json"), json.dumps(manifest, indent=2))
+  write_together({os.path.join(directory, "model.stablehlo"): artifact,      # the manifest describes this artifact
+                  os.path.join(directory, "manifest.json"): json.dumps(manifest, indent=2)})
   return manifest
