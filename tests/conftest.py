@@ -48,6 +48,7 @@ def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(group(item), len(rank)))
 
+
 @pytest.fixture(autouse=True)
 def _restore_the_launchers_process_hooks():
   """The launcher, run in process by some tests, quiets failed checkpoint writes for the rest
