@@ -134,7 +134,7 @@ def test_gradients_reach_the_teacher_slot_of_swapped_blocks(tiny_config):
 
 
 def test_loop_and_vmap_bit_axes_agree(tiny_config):
-  # Two things make the bit axes differ legitimately, so this test avoids them:
+  # Two things make the bit axes differ by far more than float noise, so this test avoids them:
   # - max-pooling: at 2 bits many pooled values tie exactly, and batched and
   #   unbatched max-pool gradients may pick different (equally valid) elements;
   #   ResNet-8 has no max-pool;
@@ -152,8 +152,12 @@ def test_loop_and_vmap_bit_axes_agree(tiny_config):
     teachers, masks, _ = m.teachers_and_masks(state, jax.random.key(0))
     out.append(jax.jit(jax.value_and_grad(lambda p: _loss(m, state, p, x, y, teachers, masks)[0]))(
         state.params["model"]))
-  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), out[0][1], out[1][1])
+  # What remains differs by summation order, and at 2 bits an activation on a rounding edge may
+  # round either way (seen on AMD EPYC: 0.3 % of the gradient's norm); a replica run at
+  # another replica's bit-width is 16 % off.
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-3)
+  loop, vmap = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)]) for _, grads in out)
+  assert np.linalg.norm(loop - vmap) < 0.02 * np.linalg.norm(loop)
   assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(out[0][1]))
 
 
