@@ -6,6 +6,7 @@ import collections
 from typing import Any, Callable, Iterable
 
 import flax
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -40,9 +41,12 @@ def calibrate(apply_fn: Callable[..., Any], variables, batches: Iterable[Any],
   if not batches:
     raise ValueError("calibrate needs at least one batch")
   clean = {k: v for k, v in flax.core.unfreeze(variables).items() if k != CALIBRATION}
+  # One compiled forward pass for every plan and batch (plans are data): op by op, the
+  # estimates' searches dispatch thousands of small programs.
+  sow = jax.jit(lambda v, batch, plan: apply_fn(v, batch, plan, mutable=[CALIBRATION])[1])
   for plan in plans:
     for batch in batches:
-      _, state = apply_fn(clean, batch, plan, mutable=[CALIBRATION])
+      state = sow(clean, batch, plan)
       sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(CALIBRATION, {})))
       for path, estimates in sown.items():
         *layer, operand = path
