@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 
 
 # The longest groups, started first (with --no-loadscope-reorder xdist hands groups out
-# in collection order, two queued per worker): the two halves of the recipe smoke tests
-# go to different workers.
-_LONGEST_FIRST = ("recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch", "test_qkd",
+# in collection order, two queued per worker): the three groups of the recipe smoke tests
+# go to different workers where they can.
+_LONGEST_FIRST = ("recipes_from_fp", "recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch", "test_qkd",
                   "test_cmtkd", "test_aao", "test_tq", "test_loop", "test_reliability")
 
 
@@ -36,7 +36,7 @@ _LONGEST_FIRST = ("recipes0", "recipes1", "test_saved", "test_bfloat16_training"
 def pytest_collection_modifyitems(items):
   """For ``pytest -n 2 --dist loadgroup --no-loadscope-reorder`` (the README's test
   command): each test module runs on one worker, so its module fixtures are built once
-  (a test may name its own ``xdist_group``: the recipe smoke tests are split in two), and
+  (a test may name its own ``xdist_group``: the recipe smoke tests are split in three), and
   the longest groups come first."""
   def group(item):
     marker = item.get_closest_marker("xdist_group")

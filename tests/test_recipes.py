@@ -33,7 +33,7 @@ def _ends(bits):
   return tuple(b for b in bits if b in (max(bits), min(bits)))
 
 
-def _shrink(config, *, steps_per_epoch: int = 40, batch: int = 64, epochs: int | None = None):
+def _shrink(config, *, steps_per_epoch: int = 40, batch: int = 32, epochs: int | None = None):
   """Real Fashion-MNIST subsets, the family's smallest model, ``steps_per_epoch`` steps an epoch."""
   video = config.model.name.startswith("tsm")
   config.dataset.name = "synthetic" if video else "fashion_mnist"
@@ -57,7 +57,7 @@ def _shrink(config, *, steps_per_epoch: int = 40, batch: int = 64, epochs: int |
   config.batch_size = batch
   config.eval_batch_size = 500 if not video else 64
   config.num_devices = 1
-  config.log_every_steps = 20
+  config.log_every_steps = steps_per_epoch
   config.checkpoint_every_steps = 10_000
   config.quant.monitor = True
   if epochs is not None:
@@ -84,6 +84,13 @@ def fp_run(tmp_path_factory):
       runs[model] = _fp_run(tmp_path_factory, model)
     return runs[model]
   return get
+
+
+def _starts_from_fp_run(config) -> bool:
+  """Whether the recipe starts from a trained fp run of its own model (``fp_run``)."""
+  method = config.method.name
+  return bool((method == "qkd" and config.method.teacher_checkpoint) or config.method.get("pretrained_checkpoint")
+              or (method == "tq" and config.model.name != "convnet"))
 
 
 def _prepare(name, config, fp_run, tmp_path_factory):
@@ -116,8 +123,15 @@ def _prepare(name, config, fp_run, tmp_path_factory):
 EPOCHS = {"aao": 3, "cmtkd": 3, "qat": 5, "qkd": 4, "progressive": 2, "tq": 1}
 
 
-# Two halves for pytest-xdist (--dist loadgroup), one per worker.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(f"recipes{i % 2}"))
+def _xdist_group(name: str, index: int) -> str:
+  """pytest-xdist groups (--dist loadgroup): the recipes that start from an fp run share one
+  worker, so that run is trained once; the others are split in two."""
+  if _starts_from_fp_run(train.load_config_file(str(ROOT / "configs" / f"{name}.py"))):
+    return "recipes_from_fp"
+  return f"recipes{index % 2}"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(_xdist_group(n, i)))
                                   for i, n in enumerate(RECIPES)])
 def test_recipe_trains_above_chance_without_health_warnings(name, fp_run, tmp_path, tmp_path_factory):
   config = train.load_config_file(str(ROOT / "configs" / f"{name}.py"))
