@@ -57,7 +57,7 @@ def _shrink(config, *, steps_per_epoch: int = 40, batch: int = 32, epochs: int |
   config.batch_size = batch
   config.eval_batch_size = 500 if not video else 64
   config.num_devices = 1
-  config.log_every_steps = steps_per_epoch
+  config.log_every_steps = 20
   config.checkpoint_every_steps = 10_000
   config.quant.monitor = True
   if epochs is not None:
@@ -94,24 +94,26 @@ def _starts_from_fp_run(config) -> bool:
 
 
 def _prepare(name, config, fp_run, tmp_path_factory):
-  """Points the recipe's fp starts at shrunk fp runs, and makes TQ's fp run."""
+  """Points the recipe's fp starts at a shrunk fp run, and makes TQ's ConvNet fp run."""
   method = config.method.name
-  if method == "qkd" and config.method.teacher_checkpoint:
+  fp = fp_run(config.model.name) if _starts_from_fp_run(config) else None
+  if method == "qkd" and fp:
     config.method.teacher_model = config.model.name
-    config.method.teacher_checkpoint = config.method.student_checkpoint = fp_run(config.model.name)
-  if method == "qkd" and not config.method.teacher_checkpoint:
+    config.method.teacher_checkpoint = config.method.student_checkpoint = fp
+  if method == "qkd" and not fp:
     config.method.teacher_options = {"widths": (16, 32, 32)}
   if config.method.get("pretrained_checkpoint"):
-    config.method.pretrained_checkpoint = fp_run(config.model.name)
-  if method == "tq" and config.model.name == "convnet":
-    fp = train.load_config_file(str(ROOT / "configs" / "quickstart.py"))
-    fp.method.name, fp.bits = "fp", (32,)
-    fp = _shrink(fp, epochs=4)   # the avg-pool head learns slowly; a weak fp net leaves 2 bits/weight at chance
-    fp.model.options.head_type = config.model.options.head_type = "avg"
+    config.method.pretrained_checkpoint = fp
+  if method == "tq" and not fp:
+    fp_config = train.load_config_file(str(ROOT / "configs" / "quickstart.py"))
+    fp_config.method.name, fp_config.bits = "fp", (32,)
+    # The avg-pool head learns slowly; a weak fp net leaves 2 bits/weight at chance.
+    fp_config = _shrink(fp_config, epochs=4)
+    fp_config.model.options.head_type = config.model.options.head_type = "avg"
     config.method.checkpoint = str(tmp_path_factory.mktemp(f"fp_for_{name}"))
-    train.train_and_evaluate(fp, config.method.checkpoint)
+    train.train_and_evaluate(fp_config, config.method.checkpoint)
   elif method == "tq":
-    config.method.checkpoint = fp_run(config.model.name)
+    config.method.checkpoint = fp
   if method == "tq":
     config.method.num_blocks = 2           # the layer structure shrinks with the model
     config.method.target_rates = (2.0,)    # 1 bit/weight of a network trained 80-120 steps is noise
@@ -123,16 +125,18 @@ def _prepare(name, config, fp_run, tmp_path_factory):
 EPOCHS = {"aao": 3, "cmtkd": 3, "qat": 5, "qkd": 4, "progressive": 2, "tq": 1}
 
 
-def _xdist_group(name: str, index: int) -> str:
+def _xdist_groups() -> dict[str, str]:
   """pytest-xdist groups (--dist loadgroup): the recipes that start from an fp run share one
-  worker, so that run is trained once; the others are split in two."""
-  if _starts_from_fp_run(train.load_config_file(str(ROOT / "configs" / f"{name}.py"))):
-    return "recipes_from_fp"
-  return f"recipes{index % 2}"
+  worker, so each of those fp runs is trained once; the others are split in two."""
+  from_fp = {n for n in RECIPES if _starts_from_fp_run(train.load_config_file(str(ROOT / "configs" / f"{n}.py")))}
+  rest = [n for n in RECIPES if n not in from_fp]
+  return {**{n: "recipes_from_fp" for n in from_fp}, **{n: f"recipes{i % 2}" for i, n in enumerate(rest)}}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(_xdist_group(n, i)))
-                                  for i, n in enumerate(RECIPES)])
+GROUPS = _xdist_groups()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(GROUPS[n])) for n in RECIPES])
 def test_recipe_trains_above_chance_without_health_warnings(name, fp_run, tmp_path, tmp_path_factory):
   config = train.load_config_file(str(ROOT / "configs" / f"{name}.py"))
   method = config.method.name

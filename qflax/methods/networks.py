@@ -111,8 +111,8 @@ def calibration_apply(model: models.Network):
 
 def calibrate_replicas(model: models.Network, plans: qnn.PrecisionPlan, params, batch_stats, batches):
   """Quantizer scalars of stacked replicas (replica ``k`` at plan ``k``) from calibration batches."""
-  calibrated = []
+  calibrated, apply = [], calibration_apply(model)
   for k in range(plans.w_bits.shape[0]):
     variables = {"params": replica(params, k), "batch_stats": replica(batch_stats, k)}
-    calibrated.append(qnn.calibrate(calibration_apply(model), variables, batches, [plan_at(plans, k)])["params"])
+    calibrated.append(qnn.calibrate(apply, variables, batches, [plan_at(plans, k)])["params"])
   return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *calibrated)

@@ -130,6 +130,22 @@ def test_calibration_sets_each_slot_from_data():
     qnn.calibrate(apply, variables, [], plans)
 
 
+def test_calibration_refuses_a_plan_it_cannot_run():
+  # The forward pass is jitted, so the layers see traced plans and cannot check them.
+  conv = _conv(weight_quantizer="lsq", act_quantizer="pact")
+  x = jnp.abs(_x())
+  variables = conv.init(jax.random.key(0), x, _precision(4))
+
+  def apply(v, x, plan, **kw):
+    return conv.apply(v, x, plan.block(0), **kw)
+
+  plan = qnn.make_plan([4], [4], [BIT_SET.index(4)], len(BIT_SET))
+  with pytest.raises(ValueError, match="w_bits"):
+    qnn.calibrate(apply, variables, [x], [plan._replace(w_bits=jnp.array([9]))])
+  with pytest.raises(ValueError, match="slot=7"):
+    qnn.calibrate(apply, variables, [x], [plan._replace(slot=jnp.array([7]))])
+
+
 def test_errors_name_the_argument():
   x = _x()
   conv = _conv()
