@@ -28,8 +28,8 @@ import pytest  # noqa: E402
 # The longest groups, started first (with --no-loadscope-reorder xdist hands groups out
 # in collection order, two queued per worker): the three groups of the recipe smoke tests
 # go to different workers where they can.
-_LONGEST_FIRST = ("recipes_from_fp", "recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch", "test_qkd",
-                  "test_cmtkd", "test_aao", "test_tq", "test_loop", "test_reliability")
+_LONGEST_FIRST = ("recipes_from_fp", "recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch",
+                  "test_qkd", "test_cmtkd", "test_aao", "test_tq", "test_loop", "test_reliability")
 
 
 @pytest.hookimpl(tryfirst=True)
