@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import COMPILATION_CACHE_ENV
+from conftest import LAUNCHER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.dataset.name=synthetic", "--config.model.options.widths=(4,8,8)",
@@ -17,7 +17,7 @@ TINY = ["--config.dataset.name=synthetic", "--config.model.options.widths=(4,8,8
 
 
 # A user's bare environment, and the tests' compilation cache (launches of one tiny config compile once).
-_ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **COMPILATION_CACHE_ENV}
+_ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **LAUNCHER_ENV}
 
 
 def _launch(*args):

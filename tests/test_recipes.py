@@ -126,11 +126,13 @@ EPOCHS = {"aao": 3, "cmtkd": 3, "qat": 5, "qkd": 4, "progressive": 2, "tq": 1}
 
 
 def _xdist_groups() -> dict[str, str]:
-  """pytest-xdist groups (--dist loadgroup): the recipes that start from an fp run share one
-  worker, so each of those fp runs is trained once; the others are split in two."""
-  from_fp = {n for n in RECIPES if _starts_from_fp_run(train.load_config_file(str(ROOT / "configs" / f"{n}.py")))}
-  rest = [n for n in RECIPES if n not in from_fp]
-  return {**{n: "recipes_from_fp" for n in from_fp}, **{n: f"recipes{i % 2}" for i, n in enumerate(rest)}}
+  """pytest-xdist groups (--dist loadgroup): the recipes that start from an fp run of the same
+  model share one worker, so that fp run is trained once; the others are split in two."""
+  configs = {n: train.load_config_file(str(ROOT / "configs" / f"{n}.py")) for n in RECIPES}
+  fp_models = {n: SMALLEST[c.model.name] for n, c in configs.items() if _starts_from_fp_run(c)}
+  shared = {n: f"recipes_from_fp_{m}" for n, m in fp_models.items() if list(fp_models.values()).count(m) > 1}
+  rest = [n for n in RECIPES if n not in shared]
+  return {**shared, **{n: f"recipes{i % 2}" for i, n in enumerate(rest)}}
 
 
 GROUPS = _xdist_groups()

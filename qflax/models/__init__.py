@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from qflax.models.common import FIRST_LAST, Network, QuantSpec, count_macs, count_params
+from qflax.models.common import FIRST_LAST, Network, QuantSpec, count_macs, count_params, macs_by_layer
 from qflax.models.convnet import ConvNet, convnet
 from qflax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from qflax.models.resnet import ResNet, cifar_resnet, imagenet_resnet, temporal_shift
@@ -48,4 +48,5 @@ def get_model(name: str, num_classes: int, spec: QuantSpec = QuantSpec(), **opti
 
 
 __all__ = ["ConvNet", "FIRST_LAST", "MobileNetV2", "Network", "QuantSpec", "ResNet", "cifar_resnet",
-           "count_macs", "count_params", "get_model", "imagenet_resnet", "model_names", "temporal_shift"]
+           "count_macs", "count_params", "get_model", "imagenet_resnet", "macs_by_layer", "model_names",
+           "temporal_shift"]

@@ -154,10 +154,23 @@ def count_params(params) -> int:
   return total
 
 
+def macs_by_layer(model: Network, variables, x, plan) -> dict:
+  """The ``qnn.FLOPS`` collection: each convolution's and dense layer's multiply-accumulates
+  per example, as Python ints. Shapes alone decide them, so the model runs abstractly
+  (``jax.eval_shape``): nothing is computed or compiled."""
+  sown = {}
+
+  def run(variables):
+    _, state = model.apply(variables, x[:1], plan, train=False, mutable=[qnn.FLOPS])
+    sown.update(flax.core.unfreeze(state[qnn.FLOPS]))   # Python ints, concrete while tracing
+
+  jax.eval_shape(run, variables)
+  return sown
+
+
 def count_macs(model: Network, variables, x, plan) -> int:
   """Multiply-accumulates per example of the convolutions and dense layers."""
-  _, state = model.apply(variables, x[:1], plan, train=False, mutable=[qnn.FLOPS])
-  return int(sum(jax.tree_util.tree_leaves(state[qnn.FLOPS])))
+  return int(sum(jax.tree_util.tree_leaves(macs_by_layer(model, variables, x, plan))))
 
 
 def positive_int(name: str, value) -> int:

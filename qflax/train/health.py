@@ -52,6 +52,14 @@ def variant_statistics(method: Method, index: int, plan: qnn.PrecisionPlan, stat
   return {"/".join(path): stats[0] for path, stats in flat.items()}
 
 
+def _variant_plan(method: Method, state: TrainState, index: int) -> qnn.PrecisionPlan:
+  """Variant ``index``'s plan as NumPy arrays. Read through ``jit``, which drops the unused
+  variables: building them op by op would cost more than the statistics (TQ's kernels are
+  ``q(S) q(T)``, block by block)."""
+  plan = jax.jit(lambda s: method.network(s, index).plan)(state)
+  return qnn.PrecisionPlan(*(np.asarray(a) for a in plan))
+
+
 class HealthMonitor:
   """Collects quantizer statistics for every variant and warns once per problem.
 
@@ -72,8 +80,8 @@ class HealthMonitor:
     """Statistics at ``step`` as flat scalars (``<variant>/<layer>/<role>/<stat>``)."""
     scalars = {}
     for k, variant in enumerate(self.method.variants):
-      if k not in self.fns:   # the plan depends on the variant alone: read it once, eagerly
-        plan = qnn.PrecisionPlan(*(np.asarray(a) for a in self.method.network(state, k).plan))
+      if k not in self.fns:   # the plan depends on the variant alone: read it once
+        plan = _variant_plan(self.method, state, k)
         self.fns[k] = jax.jit(functools.partial(variant_statistics, self.method, k, plan))
       stats = {name: {s: float(np.asarray(v)) for s, v in values.items()}
                for name, values in jax.device_get(self.fns[k](state, x)).items()}

@@ -323,16 +323,20 @@ class TransformQuantization(Method):
     model_bytes = {"fp32": 4 * sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(state.params["model"]))}
     total = sum(math.prod(layer.shape) for layer in self.layers)
     variants, side_rates = {}, {}
+    # One program for every variant's variables: op by op, q(S) q(T) block by block is
+    # thousands of dispatches.
+    every_variables = jax.device_get(jax.jit(
+        lambda s: [self.network(s, k + 1).variables for k in range(len(self.pairs))])(state))
     for k, (transform, rate) in enumerate(self.pairs):
       name = self.variants[k + 1].name
       layers = self.quantized_layers(state, k)
-      variables = jax.tree_util.tree_map(np.asarray, self.network(state, k + 1).variables)
+      variables = every_variables[k]
       model_bytes[name] = codec.save(os.path.join(directory, f"{name.replace('@', '_')}.tq"), layers,
                                      self._others(variables))
-      macs = {}
+      macs = {}   # filled while tracing: shapes decide them
       with compress.transform_domain(layers, macs):
-        self.model.apply({**variables, "params": compress.reconstruct(variables["params"], layers)},
-                         self.sample_input, self.plan)
+        jax.eval_shape(lambda v: self.model.apply(v, self.sample_input, self.plan),
+                       {**variables, "params": compress.reconstruct(variables["params"], layers)})
       side_rates[transform] = _side_rate(layers, total)
       variants[name] = {"transform": transform, "target_rate": rate, "rate": float(extra["rate"][k]),
                         "entropy_rate": float(extra["entropy_rate"][k]), "side_rate": side_rates[transform],
@@ -367,8 +371,7 @@ def _side_rate(layers: list[compress.QuantizedLayer], total: int) -> float:
 
 def _uncompressed_macs(model, variables, sample_x, plan, compressed_paths) -> int:
   """MACs of layers that ran outside the transform domain (grouped convolutions)."""
-  _, out = model.apply(variables, sample_x[:1], plan, train=False, mutable=[qnn.FLOPS])
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(out[qnn.FLOPS]))
+  flat = traverse_util.flatten_dict(models.macs_by_layer(model, variables, sample_x, plan))
   total = 0
   for path, value in flat.items():
     if path[:-1] + ("kernel",) not in compressed_paths:
