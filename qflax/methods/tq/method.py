@@ -323,14 +323,12 @@ class TransformQuantization(Method):
     model_bytes = {"fp32": 4 * sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(state.params["model"]))}
     total = sum(math.prod(layer.shape) for layer in self.layers)
     variants, side_rates = {}, {}
-    # One program for every variant's variables: op by op, q(S) q(T) block by block is
-    # thousands of dispatches.
-    every_variables = jax.device_get(jax.jit(
-        lambda s: [self.network(s, k + 1).variables for k in range(len(self.pairs))])(state))
+    # One program per variant: op by op, q(S) q(T) block by block is thousands of dispatches.
+    variables_of = jax.jit(lambda s, k: self.network(s, k + 1).variables, static_argnums=1)
     for k, (transform, rate) in enumerate(self.pairs):
       name = self.variants[k + 1].name
       layers = self.quantized_layers(state, k)
-      variables = every_variables[k]
+      variables = jax.device_get(variables_of(state, k))
       model_bytes[name] = codec.save(os.path.join(directory, f"{name.replace('@', '_')}.tq"), layers,
                                      self._others(variables))
       macs = {}   # filled while tracing: shapes decide them
