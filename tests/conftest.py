@@ -1,6 +1,7 @@
 """Test setup: eight fake CPU devices, set before JAX initialises its backends."""
 
 import os
+import re
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,10 +16,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # tests (tests/test_recipes.py, cold cache, -n 2): 986 worker-seconds against 1,204.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
-# The compilation settings above, for the launcher subprocesses that tests start with a bare environment.
+# The compilation settings above, for the launcher subprocesses that tests start with a bare
+# environment (the optimisation level alone of XLA_FLAGS: not, e.g., a forced device count).
 LAUNCHER_ENV = {name: os.environ[name] for name in (
-    "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
-    "XLA_FLAGS")}
+    "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")}
+LAUNCHER_ENV["XLA_FLAGS"] = " ".join(re.findall(r"--xla_backend_optimization_level=\S*", os.environ["XLA_FLAGS"]))
 
 import jax  # noqa: E402
 
@@ -33,8 +35,9 @@ import pytest  # noqa: E402
 
 # The longest groups, started first (with --no-loadscope-reorder xdist hands groups out
 # in collection order, two queued per worker): the three groups of the recipe smoke tests
-# go to different workers where they can.
-_LONGEST_FIRST = ("recipes_from_fp_resnet8", "recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch",
+# go to different workers where they can. A name also stands for ``<name>_...``
+# (``recipes_from_fp_<model>``).
+_LONGEST_FIRST = ("recipes_from_fp", "recipes0", "recipes1", "test_saved", "test_bfloat16_training", "test_launch",
                   "test_qkd", "test_cmtkd", "test_aao", "test_tq", "test_loop", "test_reliability")
 
 
@@ -51,8 +54,12 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if not item.get_closest_marker("xdist_group"):
       item.add_marker(pytest.mark.xdist_group(group(item)))
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(group(item), len(rank)))
+  def rank(item):
+    name = group(item)
+    return next((i for i, first in enumerate(_LONGEST_FIRST) if name == first or name.startswith(first + "_")),
+                len(_LONGEST_FIRST))
+
+  items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)

@@ -156,8 +156,8 @@ def count_params(params) -> int:
 
 def macs_by_layer(model: Network, variables, x, plan) -> dict:
   """The ``qnn.FLOPS`` collection: each convolution's and dense layer's multiply-accumulates
-  per example, as Python ints. Shapes alone decide them, so the model runs abstractly
-  (``jax.eval_shape``): nothing is computed or compiled."""
+  per example (``{..layer path..: {"macs": (int,)}}``, as sown). Shapes alone decide them, so
+  the model runs abstractly (``jax.eval_shape``): nothing is computed or compiled."""
   sown = {}
 
   def run(variables):

@@ -233,10 +233,11 @@ class TransformQuantization(Method):
     flat.update(kernels)
     return traverse_util.unflatten_dict(flat)
 
-  def _variables(self, model_params, compressed, batch_stats, extra, k):
+  def _variables(self, model_params, compressed, batch_stats, extra, k, *, with_kernels: bool = True):
     """Variant ``k``'s ``{"params", "batch_stats"}``: the loaded model with its kernels
-    ``q(S) q(T)`` and, with ``fine_tune="all"``, its own other parameters and statistics."""
-    replaced = self.kernels(compressed, extra, k)
+    ``q(S) q(T)`` (the loaded ones unless ``with_kernels``) and, with ``fine_tune="all"``,
+    its own other parameters and statistics."""
+    replaced = self.kernels(compressed, extra, k) if with_kernels else {}
     if not self.tunes_all:
       return {"params": self._params_with(model_params, replaced), "batch_stats": batch_stats["model"]}
     replaced.update({p: compressed["others"][_key(p)][k] for p in self.other_paths})
@@ -319,16 +320,17 @@ class TransformQuantization(Method):
     os.makedirs(directory, exist_ok=True)
     extra = jax.tree_util.tree_map(np.asarray, state.extra)
     fp_variables = {"params": state.params["model"], "batch_stats": state.batch_stats["model"]}
-    macs_original = models.count_macs(self.model, fp_variables, self.sample_input, self.plan)
+    fp_macs = models.macs_by_layer(self.model, fp_variables, self.sample_input, self.plan)
+    macs_original = sum(jax.tree_util.tree_leaves(fp_macs))
     model_bytes = {"fp32": 4 * sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(state.params["model"]))}
     total = sum(math.prod(layer.shape) for layer in self.layers)
     variants, side_rates = {}, {}
-    # One program per variant: op by op, q(S) q(T) block by block is thousands of dispatches.
-    variables_of = jax.jit(lambda s, k: self.network(s, k + 1).variables, static_argnums=1)
     for k, (transform, rate) in enumerate(self.pairs):
       name = self.variants[k + 1].name
       layers = self.quantized_layers(state, k)
-      variables = jax.device_get(variables_of(state, k))
+      # The compressed kernels are left out of the file and replaced for the MAC count: not computed.
+      variables = jax.device_get(self._variables(state.params["model"], state.params["compressed"], state.batch_stats,
+                                                 state.extra, k, with_kernels=False))
       model_bytes[name] = codec.save(os.path.join(directory, f"{name.replace('@', '_')}.tq"), layers,
                                      self._others(variables))
       macs = {}   # filled while tracing: shapes decide them
@@ -339,8 +341,7 @@ class TransformQuantization(Method):
       variants[name] = {"transform": transform, "target_rate": rate, "rate": float(extra["rate"][k]),
                         "entropy_rate": float(extra["entropy_rate"][k]), "side_rate": side_rates[transform],
                         "file_bytes": model_bytes[name],
-                        "transform_domain_macs": int(sum(macs.values())) + _uncompressed_macs(
-                            self.model, fp_variables, self.sample_input, self.plan, set(macs))}
+                        "transform_domain_macs": int(sum(macs.values())) + _uncompressed_macs(fp_macs, set(macs))}
     frontier = {t: [{"rate": float(r), "distortion": float(d)} for r, d in extra["frontier"][ti]]
                 for ti, t in enumerate(self.options.transforms)}
     _write_frontier(workdir, frontier, side_rates, self.options.distortion)
@@ -367,14 +368,11 @@ def _side_rate(layers: list[compress.QuantizedLayer], total: int) -> float:
   return blocks * (RATE_BITS + STEP_BITS) / total
 
 
-def _uncompressed_macs(model, variables, sample_x, plan, compressed_paths) -> int:
-  """MACs of layers that ran outside the transform domain (grouped convolutions)."""
-  flat = traverse_util.flatten_dict(models.macs_by_layer(model, variables, sample_x, plan))
-  total = 0
-  for path, value in flat.items():
-    if path[:-1] + ("kernel",) not in compressed_paths:
-      total += int(sum(value))
-  return total
+def _uncompressed_macs(fp_macs: dict, compressed_paths) -> int:
+  """MACs (of :func:`qflax.models.macs_by_layer`) of the layers that ran outside the transform
+  domain (grouped convolutions)."""
+  flat = traverse_util.flatten_dict(fp_macs)
+  return sum(int(sum(value)) for path, value in flat.items() if path[:-1] + ("kernel",) not in compressed_paths)
 
 
 def _entropy_rate(layers: list[compress.QuantizedLayer], total: int) -> float:
