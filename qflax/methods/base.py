@@ -251,7 +251,7 @@ class Method(abc.ABC):
     integer model (:mod:`qflax.export`)."""
     nets = [self.network(state, k) for k in indices]
     net = nets[0]
-    plans = {self.variants[k].name: qnn.PrecisionPlan(*(np.asarray(a) for a in n.plan)) for k, n in zip(indices, nets)}
+    plans = {self.variants[k].name: n.plan.numpy() for k, n in zip(indices, nets)}
     spec = dataclasses.replace(net.model.spec, compute_dtype="float32")   # integer files have no compute dtype
     return export.integer_model(net.model.clone(spec=spec), jax.tree_util.tree_map(np.asarray, net.variables), plans,
                                 model_name=net.model_settings.name, model_options=net.model_settings.options,

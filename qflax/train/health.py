@@ -56,8 +56,7 @@ def _variant_plan(method: Method, state: TrainState, index: int) -> qnn.Precisio
   """Variant ``index``'s plan as NumPy arrays. Read through ``jit``, which drops the unused
   variables: building them op by op would cost more than the statistics (TQ's kernels are
   ``q(S) q(T)``, block by block)."""
-  plan = jax.jit(lambda s: method.network(s, index).plan)(state)
-  return qnn.PrecisionPlan(*(np.asarray(a) for a in plan))
+  return jax.jit(lambda s: method.network(s, index).plan)(state).numpy()
 
 
 class HealthMonitor:

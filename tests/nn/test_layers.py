@@ -176,3 +176,12 @@ def test_plans():
   np.testing.assert_array_equal(mixed.w_bits, [8, 4, 8, 4])
   np.testing.assert_array_equal(mixed.slot, [1, 2, 1, 2])
   assert mixed.block(2) == (8, 8, 1)
+
+
+def test_a_plan_read_as_numpy_keeps_its_values():
+  traced = jax.jit(lambda: qnn.make_plan([4, 8], [2, 8], [2, 1], num_slots=5))()
+  plan = traced.numpy()
+  assert isinstance(plan, qnn.PrecisionPlan)
+  assert all(isinstance(a, np.ndarray) for a in plan)
+  np.testing.assert_array_equal(plan.w_bits, [4, 8])
+  np.testing.assert_array_equal(plan.slot, [2, 1])

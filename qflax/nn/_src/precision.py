@@ -40,6 +40,10 @@ class PrecisionPlan(NamedTuple):
     """The precision of block ``index`` (a static Python int)."""
     return BlockPrecision(self.w_bits[..., index], self.a_bits[..., index], self.slot[..., index])
 
+  def numpy(self) -> "PrecisionPlan":
+    """The plan with NumPy fields: layers that return integer codes need concrete bits."""
+    return PrecisionPlan(*(np.asarray(a) for a in self))
+
 
 def check_slot(slot, num_slots: int, name: str = "slot"):
   """Validates a concrete slot index against ``num_slots``; traced values pass."""
