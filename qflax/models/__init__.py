@@ -11,7 +11,8 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import inspect
+from typing import Any, Callable, Mapping
 
 from qflax.models.common import FIRST_LAST, Network, QuantSpec, count_macs, count_params, macs_by_layer
 from qflax.models.convnet import ConvNet, convnet
@@ -33,6 +34,21 @@ def model_names() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
+def builder_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """``options`` with the builder's defaults filled in, so that two option sets that
+  build the same network compare equal.
+
+  Example:
+    >>> builder_options("convnet", {"widths": (8, 8, 8)})
+    {'widths': (8, 8, 8), 'head_type': 'flatten'}
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"model {name!r} is unknown; allowed: {model_names()}")
+  defaults = {p.name: p.default for p in inspect.signature(_REGISTRY[name]).parameters.values()
+              if p.default is not p.empty and p.name != "spec"}
+  return {**defaults, **options}
+
+
 def get_model(name: str, num_classes: int, spec: QuantSpec = QuantSpec(), **options) -> Network:
   """A registered model by name; ``options`` are the builder's keyword arguments
   (``width``, ``num_frames``, ``cifar_stem``, ``widths``, ``head_type``); bad values
@@ -47,6 +63,6 @@ def get_model(name: str, num_classes: int, spec: QuantSpec = QuantSpec(), **opti
     raise ValueError(f"bad options for model {name!r}: {e}") from None
 
 
-__all__ = ["ConvNet", "FIRST_LAST", "MobileNetV2", "Network", "QuantSpec", "ResNet", "cifar_resnet",
-           "count_macs", "count_params", "get_model", "imagenet_resnet", "macs_by_layer", "model_names",
+__all__ = ["ConvNet", "FIRST_LAST", "MobileNetV2", "Network", "QuantSpec", "ResNet", "builder_options",
+           "cifar_resnet", "count_macs", "count_params", "get_model", "imagenet_resnet", "macs_by_layer", "model_names",
            "temporal_shift"]

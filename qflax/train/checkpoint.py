@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from qflax import models
 from qflax.methods.base import Start
 from qflax.options import ConfigError
 
@@ -83,9 +84,12 @@ def check_start(start: Start) -> None:
     fail(f"it holds a {saved['method'].get('name')!r} run, not fp")
   if saved["model"].get("name") != start.model.name:
     fail(f"it holds model {saved['model'].get('name')!r}")
-  wanted = json.loads(json.dumps(start.model.options))
-  if saved["model"].get("options", {}) != wanted:
-    fail(f"its model options {saved['model'].get('options')} differ from {wanted}")
+  saved_options = saved["model"].get("options", {})
+  if not isinstance(saved_options, dict):
+    fail(f"{config_path} is not a qflax run config")
+  as_built = lambda o: json.loads(json.dumps(models.builder_options(start.model.name, o)))
+  if as_built(saved_options) != as_built(start.model.options):
+    fail(f"its model options {saved_options} differ from {json.loads(json.dumps(start.model.options))}")
   with Checkpoints(start.workdir, read_only=True) as source:
     latest = source.latest_step()
   if latest is None:

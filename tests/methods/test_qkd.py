@@ -197,6 +197,13 @@ def test_teacher_comes_from_an_fp_run_and_bad_sources_are_named(tiny_config, tmp
   config.method.teacher_options = {"widths": (4, 8, 8)}
   with pytest.raises(train.ConfigError, match="model options"):
     train.validate(config)
+  # Reported defect: an option spelled out at its default value was a mismatch (the fp run
+  # of configs/quickstart.py saves head_type='flatten'; configs/qkd_fashion_mnist.py omits it).
+  config.method.teacher_options = {"widths": (8, 8, 8), "head_type": "flatten"}
+  train.validate(config)
+  config.method.teacher_options = {"widths": (8, 8, 8), "head_type": "avg"}
+  with pytest.raises(train.ConfigError, match="model options"):
+    train.validate(config)
 
 
 @pytest.mark.parametrize("field,value,match", [
